@@ -1,0 +1,242 @@
+"""The transport seam: the few AMQP operations the bus needs, and nothing else.
+
+Everything above this seam (topology, envelopes, retries through delay levels,
+dead-lettering, commands) is written once in terms of exchanges, queues,
+bindings and deliveries. ``amqp.py`` maps these calls onto aio-pika;
+``memory.py`` implements them with an in-process broker that keeps the same
+observable semantics, so one contract test suite can prove the two agree.
+
+Transports translate their library's errors into ``banyan_bus.errors`` at this
+edge; nothing from aio-pika/aiormq escapes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, TypeAlias
+
+ExchangeType: TypeAlias = Literal["topic", "direct", "fanout", "headers", "x-consistent-hash"]
+HeaderValue: TypeAlias = str | int | float | bool | bytes | None | datetime | list["HeaderValue"] | dict[str, "HeaderValue"]
+Headers: TypeAlias = dict[str, HeaderValue]
+Arguments: TypeAlias = Mapping[str, HeaderValue]
+
+#: The name of AMQP's default exchange, which routes to the queue named by the routing key.
+DEFAULT_EXCHANGE = ""
+
+
+@dataclass(slots=True)
+class OutgoingMessage:
+    """What the bus hands to a transport to publish: AMQP properties and a body."""
+
+    body: bytes
+    message_id: str | None = None
+    correlation_id: str | None = None
+    message_type: str | None = None
+    timestamp: datetime | None = None
+    headers: Headers = field(default_factory=dict)
+    priority: int | None = None
+    content_type: str = "application/json"
+    reply_to: str | None = None
+    persistent: bool = True
+
+
+class Delivery(ABC):
+    """One message delivered to a consumer, with the means to settle it once.
+
+    ``ack``/``nack``/``reject`` are AMQP's: ``reject`` (and ``nack(requeue=False)``)
+    dead-letters through the queue's ``x-dead-letter-*`` arguments if it has them.
+    Settling twice is a programming error and raises ``RuntimeError``.
+    """
+
+    __slots__ = (
+        "body",
+        "content_type",
+        "correlation_id",
+        "exchange",
+        "headers",
+        "message_id",
+        "message_type",
+        "priority",
+        "redelivered",
+        "reply_to",
+        "routing_key",
+        "timestamp",
+    )
+
+    def __init__(
+        self,
+        *,
+        body: bytes,
+        headers: Headers,
+        message_id: str | None,
+        correlation_id: str | None,
+        message_type: str | None,
+        timestamp: datetime | None,
+        priority: int | None,
+        content_type: str | None,
+        reply_to: str | None,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+    ) -> None:
+        self.body = body
+        self.headers = headers
+        self.message_id = message_id
+        self.correlation_id = correlation_id
+        self.message_type = message_type
+        self.timestamp = timestamp
+        self.priority = priority
+        self.content_type = content_type
+        self.reply_to = reply_to
+        self.redelivered = redelivered
+        self.exchange = exchange
+        self.routing_key = routing_key
+
+    @abstractmethod
+    async def ack(self) -> None:
+        """Remove the message from its queue: it was handled (or moved elsewhere, confirmed)."""
+
+    @abstractmethod
+    async def nack(self, *, requeue: bool = True) -> None:
+        """Give the message back to its queue (``requeue=True``) or dead-letter it."""
+
+    @abstractmethod
+    async def reject(self) -> None:
+        """Refuse the message: the queue dead-letters it (or drops it if it has no DLX)."""
+
+    @property
+    @abstractmethod
+    def settled(self) -> bool:
+        """True once ack, nack or reject was called."""
+
+
+DeliveryCallback: TypeAlias = Callable[[Delivery], Awaitable[None]]
+
+
+class Consumer(ABC):
+    """A running consumer; ``cancel`` stops new deliveries (in-flight ones stay unsettled)."""
+
+    @abstractmethod
+    async def cancel(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """What a passive declare tells about a queue."""
+
+    name: str
+    messages: int
+    consumers: int
+
+
+class Transport(ABC):
+    """A connection to a broker, seen as AMQP 0-9-1 nouns.
+
+    Declarations are idempotent: declaring what exists with the same arguments
+    succeeds; with other arguments raises ``TopologyMismatch`` naming both sets.
+    """
+
+    #: The URL this transport connects to, with any password masked. For messages.
+    display_url: str
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the connection; raises ``BrokerUnreachable`` naming ``display_url``."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the connection. Unacked deliveries go back to their queues."""
+
+    @abstractmethod
+    async def declare_exchange(
+        self,
+        name: str,
+        type: ExchangeType,
+        *,
+        durable: bool = True,
+        arguments: Arguments | None = None,
+    ) -> None: ...
+
+    @abstractmethod
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool = True,
+        arguments: Arguments | None = None,
+    ) -> None: ...
+
+    @abstractmethod
+    async def bind_queue(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str = "",
+        arguments: Arguments | None = None,
+    ) -> None: ...
+
+    @abstractmethod
+    async def bind_exchange(
+        self,
+        destination: str,
+        source: str,
+        routing_key: str = "",
+        arguments: Arguments | None = None,
+    ) -> None: ...
+
+    @abstractmethod
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: OutgoingMessage,
+        *,
+        confirm: bool = True,
+        mandatory: bool = False,
+    ) -> None:
+        """Publish one message.
+
+        With ``confirm=True`` this returns only once the broker has taken
+        responsibility for the message (stored on every queue it routed to).
+        Raises ``BusCapacityExceeded`` when a full queue refused it,
+        ``Unroutable`` when ``mandatory`` and no queue got it, ``PublishError``
+        for any other unconfirmed outcome (including a lost connection).
+        """
+
+    @abstractmethod
+    async def consume(
+        self,
+        queue: str,
+        callback: DeliveryCallback,
+        *,
+        prefetch: int,
+    ) -> Consumer:
+        """Start delivering ``queue``'s messages to ``callback``.
+
+        At most ``prefetch`` deliveries are unsettled at once. The callback runs
+        in its own task per delivery; it must settle the delivery.
+        """
+
+    @abstractmethod
+    async def get(self, queue: str) -> Delivery | None:
+        """Take one message (basic.get, unacked) or ``None`` when the queue is empty."""
+
+    @abstractmethod
+    async def queue_state(self, queue: str) -> QueueState | None:
+        """Message and consumer counts, or ``None`` if the queue does not exist."""
+
+    @abstractmethod
+    async def exchange_exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    async def purge_queue(self, queue: str) -> int:
+        """Drop every ready message of ``queue``; returns how many."""
+
+    @abstractmethod
+    async def delete_queue(self, queue: str) -> None: ...
+
+    @abstractmethod
+    async def delete_exchange(self, name: str) -> None: ...
