@@ -1,0 +1,54 @@
+"""banyan_bus: typed service-to-service events over RabbitMQ.
+
+Declare contracts, publish them with one call, handle them in functions or
+classes; every subscribing service gets its own copy, failures retry with
+delays and end in a dead-letter queue. ``memory://`` is the embedded default.
+"""
+
+from banyan_bus.bus import MessageBus
+from banyan_bus.context import MessageContext, current_context
+from banyan_bus.contracts import Command, Event, Message, Query
+from banyan_bus.errors import (
+    BanyanError,
+    BrokerUnreachable,
+    BusCapacityExceeded,
+    ConfigurationError,
+    ContractError,
+    DependencyError,
+    HandlerError,
+    PayloadTooLarge,
+    PluginMissing,
+    PublishError,
+    RemoteHandlerError,
+    RequestTimeout,
+    TopologyError,
+    TopologyMismatch,
+    Unroutable,
+)
+from banyan_bus.retry import RetryPolicy
+
+__all__ = [
+    "BanyanError",
+    "BrokerUnreachable",
+    "BusCapacityExceeded",
+    "Command",
+    "ConfigurationError",
+    "ContractError",
+    "DependencyError",
+    "Event",
+    "HandlerError",
+    "Message",
+    "MessageBus",
+    "MessageContext",
+    "PayloadTooLarge",
+    "PluginMissing",
+    "PublishError",
+    "Query",
+    "RemoteHandlerError",
+    "RequestTimeout",
+    "RetryPolicy",
+    "TopologyError",
+    "TopologyMismatch",
+    "Unroutable",
+    "current_context",
+]

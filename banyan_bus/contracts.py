@@ -1,0 +1,246 @@
+"""Message contracts: pydantic models that know their wire name and version.
+
+A contract is the only thing two services share, so it is strict where a
+mistake would spread: the naming rule (events are facts, ``UserCreated``, not
+commands, ``CreateUser``) and the uniqueness of ``(message type, version)`` are
+checked when the class is defined, i.e. at import time of the service.
+
+Example::
+
+    class UserCreated(Event):                       # type "UserCreated", version 1
+        user_id: str
+
+    class UserCreatedV2(Event, name="UserCreated", version=2):
+        user_id: str
+        preferences: dict[str, bool] = {}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from banyan_bus.errors import ContractError
+
+MessageKind = Literal["event", "command", "query"]
+
+_TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,99}$")
+_VERSION_SUFFIX = re.compile(r"^(?P<base>.+?)V(?P<version>\d+)$")
+_WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+
+# Irregular past tenses and participles that do not end in "ed". A name ending in one
+# of these reads as a fact ("EmailSent", "OrderPaid").
+_IRREGULAR_PAST = frozenset(
+    """
+    arisen awoke awoken begun began bent bid bitten blown borne bought bound broken brought
+    built burnt cast caught chosen come cut dealt done drawn driven drunk dug eaten fallen
+    fed felt fought found flown forbidden forgotten forgiven frozen given gone got gotten
+    grown held hidden hit hung hurt kept knelt known laid led left lent let lit lost made
+    meant met overdrawn overridden paid put quit read rebuilt redone reset resent rewritten
+    ridden rung risen run said sat seen sent set shaken shown shot shrunk shut sold sought
+    spent split spoken spread stolen struck stuck stood sung sunk sworn swept swung taken
+    taught thought thrown told torn understood undone undid upheld withdrawn withheld woken
+    won worn wound written
+    """.split()
+)
+# Words ending in "ed" that are not past tenses.
+_NOT_PAST = frozenset("bed breed embed exceed feed need proceed seed speed succeed".split())
+
+
+def is_past_tense(word: str) -> bool:
+    """Whether ``word`` reads as a past tense or participle (``Created``, ``Sent``)."""
+    w = word.lower()
+    if w in _NOT_PAST:
+        return False
+    return w.endswith("ed") or w in _IRREGULAR_PAST
+
+
+def routing_key_for(message_type: str) -> str:
+    """The root-exchange routing key of a message type: lowercase, no dashes/underscores."""
+    return message_type.lower().replace("-", "").replace("_", "")
+
+
+def _check_event_name(message_type: str, class_name: str) -> None:
+    words = _WORDS.findall(message_type)
+    if len(words) >= 2 and is_past_tense(words[-1]):
+        return
+    raise ContractError(
+        f"Event {class_name!r} (message type {message_type!r}) is named like a command: "
+        f"events are facts named {{Noun}}{{PastTenseVerb}}, like 'UserCreated' or "
+        f"'PaymentProcessed', so that subscribers read what happened, not what to do. "
+        f"Rename it, or opt out with `class {class_name}(Event, check_name=False)`."
+    )
+
+
+class ContractRegistry:
+    """Maps ``(message type, version)`` to the contract class, across the process.
+
+    A class defined again under the same module and qualified name replaces
+    the old one (module reloads, notebooks); any other clash is an error,
+    because two contracts for one wire name would make decoding ambiguous.
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, int], type[Message]] = {}
+
+    def register(self, cls: type[Message]) -> None:
+        key = (cls.__message_type__, cls.__message_version__)
+        existing = self._by_key.get(key)
+        if existing is not None and (existing.__module__, existing.__qualname__) != (
+            cls.__module__,
+            cls.__qualname__,
+        ):
+            raise ContractError(
+                f"{cls.__qualname__} declares message type {key[0]!r} version {key[1]}, "
+                f"which {existing.__module__}.{existing.__qualname__} already declares. "
+                f"Give the new class another version (`version={key[1] + 1}`) or another name."
+            )
+        self._by_key[key] = cls
+
+    def get(self, message_type: str, version: int) -> type[Message] | None:
+        return self._by_key.get((message_type, version))
+
+    def versions(self, message_type: str) -> dict[int, type[Message]]:
+        """Every registered version of ``message_type``, oldest first."""
+        return {v: c for (t, v), c in sorted(self._by_key.items()) if t == message_type}
+
+    def __iter__(self) -> Any:
+        return iter(list(self._by_key.values()))
+
+
+#: The process-wide registry every contract class registers into when defined.
+registry = ContractRegistry()
+
+
+class Message(BaseModel):
+    """Base of all contracts. Use ``Event``, ``Command`` or ``Query``.
+
+    Fields are snake_case in Python and camelCase on the wire. Unknown wire
+    fields are ignored, so a newer publisher can add optional fields without
+    breaking older subscribers.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="ignore",
+    )
+
+    __message_kind__: ClassVar[MessageKind]
+    __message_type__: ClassVar[str]
+    __message_version__: ClassVar[int]
+    __partition_key__: ClassVar[str | None] = None
+    __abstract_contract__: ClassVar[bool] = True
+
+    def __init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        version: int | None = None,
+        check_name: bool = True,
+        partition_key: str | None = None,
+        abstract: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # Pydantic passes the same keywords to __pydantic_init_subclass__, where the
+        # fields exist; here we only strip ours so BaseModel does not see them.
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def __pydantic_init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        version: int | None = None,
+        check_name: bool = True,
+        partition_key: str | None = None,
+        abstract: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.__abstract_contract__ = abstract or "_banyan_base" in cls.__dict__
+        if cls.__abstract_contract__:
+            return
+        message_type = name or cls.__name__
+        suffix = _VERSION_SUFFIX.match(cls.__name__)
+        if name is None and suffix and version is None:
+            raise ContractError(
+                f"{cls.__name__} looks like version {suffix['version']} of "
+                f"{suffix['base']!r}; say so explicitly: "
+                f"`class {cls.__name__}({cls._kind_base()}, name={suffix['base']!r}, "
+                f"version={suffix['version']})`."
+            )
+        if not _TYPE_NAME.match(message_type):
+            raise ContractError(
+                f"{cls.__name__}: message type {message_type!r} must start with a letter "
+                f"and hold only letters, digits and '_' (at most 100 characters)."
+            )
+        if version is None:
+            version = 1
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ContractError(
+                f"{cls.__name__}: version must be an int >= 1, got {version!r}."
+            )
+        if partition_key is not None and partition_key not in cls.model_fields:
+            raise ContractError(
+                f"{cls.__name__}: partition_key={partition_key!r} is not a field; "
+                f"fields are {sorted(cls.model_fields)}."
+            )
+        if cls.__message_kind__ == "event" and check_name:
+            _check_event_name(message_type, cls.__name__)
+        cls.__message_type__ = message_type
+        cls.__message_version__ = version
+        if partition_key is not None:
+            cls.__partition_key__ = partition_key
+        registry.register(cls)
+
+    @classmethod
+    def _kind_base(cls) -> str:
+        return {"event": "Event", "command": "Command", "query": "Query"}[cls.__message_kind__]
+
+    @classmethod
+    def is_abstract_contract(cls) -> bool:
+        return cls.__abstract_contract__
+
+
+class Event(Message):
+    """A fact that happened, broadcast to every subscribing service.
+
+    Named ``{Noun}{PastTenseVerb}``: ``UserCreated``, ``OrderShipped``.
+    """
+
+    __message_kind__: ClassVar[MessageKind] = "event"
+    _banyan_base: ClassVar[bool] = True
+
+
+class Command(Message):
+    """An instruction to exactly one owning service, answered with a result.
+
+    Named imperatively: ``CreateUser``, ``ShipOrder``.
+    """
+
+    __message_kind__: ClassVar[MessageKind] = "command"
+    _banyan_base: ClassVar[bool] = True
+
+
+class Query(Message):
+    """A question to exactly one owning service; it must not change state.
+
+    Named for what it asks: ``GetUser``, ``FindOrders``.
+    """
+
+    __message_kind__: ClassVar[MessageKind] = "query"
+    _banyan_base: ClassVar[bool] = True
+
+
+def contract_key(cls: type[Message]) -> tuple[str, int]:
+    """``(message type, version)`` of a contract class."""
+    if cls.is_abstract_contract() or not hasattr(cls, "__message_type__"):
+        raise ContractError(
+            f"{cls.__name__} is not a concrete contract; subclass Event, Command or Query."
+        )
+    return cls.__message_type__, cls.__message_version__

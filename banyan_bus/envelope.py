@@ -1,0 +1,313 @@
+"""The wire envelope (DESIGN.md §2): encode once on publish, decode once on consume.
+
+The hot path decodes in one pydantic pass straight from bytes: the AMQP
+``type`` property and ``x-version`` header name the contract before the body
+is read, so a per-contract envelope model validates header fields and payload
+together. Anything unusual (no properties, a foreign publisher's bare JSON
+payload, a broken body) takes the slow path, which also classifies *why* a
+message cannot be decoded, so the dead-letter queue can say so.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic.alias_generators import to_camel
+
+from banyan_bus.contracts import ContractRegistry, Message
+from banyan_bus.errors import PayloadTooLarge
+from banyan_bus.transport.base import Delivery, Headers, OutgoingMessage
+
+CONTENT_TYPE = "application/json"
+DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024
+
+HEADER_VERSION = "x-version"
+HEADER_ATTEMPT = "x-attempt"
+HEADER_PARTITION_KEY = "x-partition-key"
+HEADER_DELAY = "x-banyan-delay"
+HEADER_TRACEPARENT = "traceparent"
+HEADER_TRACESTATE = "tracestate"
+
+Priority = Literal["low", "normal", "high"]
+#: AMQP priorities; a classic queue is declared with x-max-priority = PRIORITY_MAX.
+PRIORITY_LEVELS: dict[str, int] = {"low": 1, "normal": 2, "high": 3}
+PRIORITY_MAX = 3
+
+_ID_PREFIX = {"event": "evt_", "command": "cmd_", "query": "qry_"}
+
+
+def new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def format_timestamp(ts: datetime) -> str:
+    """``2025-11-15T10:30:00.123Z``: milliseconds, UTC, ``Z``."""
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class TraceContext(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True)
+
+    trace_id: str
+    span_id: str
+    trace_flags: str = "01"
+
+
+class EnvelopeHeader(BaseModel):
+    """Every envelope field but the payload; the base of the per-contract models."""
+
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, extra="ignore")
+
+    id: str
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    trace_context: TraceContext | None = None
+    timestamp: datetime
+    service_name: str | None = None
+    message_type: str
+    version: int = 1
+    metadata: dict[str, Any] = {}
+
+
+class _RawEnvelope(EnvelopeHeader):
+    payload: Any
+
+
+_typed_models: dict[type[Message], type[EnvelopeHeader]] = {}
+
+
+def _typed_model(contract: type[Message]) -> type[EnvelopeHeader]:
+    model = _typed_models.get(contract)
+    if model is None:
+        model = create_model(  # one model per contract, built once
+            f"Envelope[{contract.__name__}]",
+            __base__=EnvelopeHeader,
+            payload=(contract, ...),
+        )
+        _typed_models[contract] = model
+    return model
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A decoded message: envelope fields, the typed payload, and its AMQP headers."""
+
+    id: str
+    message_type: str
+    version: int
+    payload: Message
+    timestamp: datetime
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    service_name: str | None = None
+    trace_context: TraceContext | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    headers: Headers = field(default_factory=dict)
+
+
+DecodeFailure = Literal[
+    "undecodable", "unknown-message-type", "unknown-version", "validation-failed"
+]
+
+
+class DecodeError(Exception):
+    """Why a delivery cannot become an ``Envelope``; carries the DLQ reason."""
+
+    def __init__(
+        self,
+        reason: DecodeFailure,
+        detail: str,
+        *,
+        message_type: str | None = None,
+        version: int | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.message_type = message_type
+        self.version = version
+        self.cause = cause
+
+
+def encode(
+    message: Message,
+    *,
+    message_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+    service_name: str,
+    timestamp: datetime | None = None,
+    trace_context: dict[str, str] | None = None,
+    priority: Priority = "normal",
+    headers: Headers | None = None,
+    metadata: dict[str, Any] | None = None,
+    max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> OutgoingMessage:
+    """Build the envelope body and AMQP properties of ``message``.
+
+    Raises ``PayloadTooLarge`` when the body exceeds ``max_size``; nothing is sent.
+    """
+    cls = type(message)
+    message_type = cls.__message_type__
+    version = cls.__message_version__
+    if message_id is None:
+        message_id = new_id(_ID_PREFIX[cls.__message_kind__])
+    if correlation_id is None:
+        correlation_id = new_id("cor_")
+    if timestamp is None:
+        timestamp = datetime.now(UTC)
+    if priority not in PRIORITY_LEVELS:
+        raise ValueError(f"priority must be one of {sorted(PRIORITY_LEVELS)}, got {priority!r}")
+    meta: dict[str, Any] = {"routing": {"priority": priority}}
+    if metadata:
+        meta.update(metadata)
+    head = {
+        "id": message_id,
+        "correlationId": correlation_id,
+        "causationId": causation_id,
+        "traceContext": trace_context,
+        "timestamp": format_timestamp(timestamp),
+        "serviceName": service_name,
+        "messageType": message_type,
+        "version": version,
+        "metadata": meta,
+    }
+    payload = cls.__pydantic_serializer__.to_json(message, by_alias=True)
+    body = json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"payload":' + payload + b"}"
+    if len(body) > max_size:
+        raise PayloadTooLarge(message_type, len(body), max_size)
+    amqp_headers: Headers = {HEADER_VERSION: version}
+    if headers:
+        amqp_headers.update(headers)
+    return OutgoingMessage(
+        body=body,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        message_type=message_type,
+        timestamp=timestamp,
+        headers=amqp_headers,
+        priority=PRIORITY_LEVELS[priority],
+        content_type=CONTENT_TYPE,
+    )
+
+
+def _header_int(headers: Headers, name: str) -> int | None:
+    value = headers.get(name)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (str, bytes)):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def decode(delivery: Delivery, registry: ContractRegistry) -> Envelope:
+    """Turn a delivery into an ``Envelope`` or raise ``DecodeError`` saying why not."""
+    message_type = delivery.message_type
+    version = _header_int(delivery.headers, HEADER_VERSION)
+    if message_type and version is not None:
+        contract = registry.get(message_type, version)
+        if contract is not None:
+            try:
+                model = _typed_model(contract).model_validate_json(delivery.body)
+            except ValidationError:
+                pass  # the slow path says exactly what is wrong
+            else:
+                return Envelope(
+                    id=model.id,
+                    message_type=model.message_type,
+                    version=model.version,
+                    payload=model.payload,  # type: ignore[attr-defined]  # built by create_model
+                    timestamp=model.timestamp,
+                    correlation_id=model.correlation_id,
+                    causation_id=model.causation_id,
+                    service_name=model.service_name,
+                    trace_context=model.trace_context,
+                    metadata=model.metadata,
+                    headers=delivery.headers,
+                )
+    return _decode_slow(delivery, registry)
+
+
+def _decode_slow(delivery: Delivery, registry: ContractRegistry) -> Envelope:
+    try:
+        data = json.loads(delivery.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError("undecodable", f"body is not JSON: {exc}", cause=exc) from exc
+    if isinstance(data, dict) and "payload" in data and "messageType" in data:
+        try:
+            raw = _RawEnvelope.model_validate(data)
+        except ValidationError as exc:
+            raise DecodeError(
+                "undecodable", f"body is not a valid envelope: {exc}", cause=exc
+            ) from exc
+        return _typed(delivery, registry, raw, raw.payload)
+    # A foreign publisher: AMQP properties carry the metadata, the body is the payload.
+    if not delivery.message_type:
+        raise DecodeError(
+            "undecodable",
+            "body is neither an envelope nor a payload with an AMQP 'type' property",
+        )
+    raw = _RawEnvelope(
+        id=delivery.message_id or new_id("ext_"),
+        correlation_id=delivery.correlation_id,
+        timestamp=delivery.timestamp or datetime.now(UTC),
+        message_type=delivery.message_type,
+        version=_header_int(delivery.headers, HEADER_VERSION) or 1,
+        payload=data,
+    )
+    return _typed(delivery, registry, raw, data)
+
+
+def _typed(
+    delivery: Delivery, registry: ContractRegistry, raw: _RawEnvelope, payload: Any
+) -> Envelope:
+    versions = registry.versions(raw.message_type)
+    if not versions:
+        raise DecodeError(
+            "unknown-message-type",
+            f"no contract is registered for message type {raw.message_type!r}",
+            message_type=raw.message_type,
+            version=raw.version,
+        )
+    contract = versions.get(raw.version)
+    if contract is None:
+        raise DecodeError(
+            "unknown-version",
+            f"{raw.message_type} version {raw.version} has no contract here "
+            f"(known versions: {sorted(versions)})",
+            message_type=raw.message_type,
+            version=raw.version,
+        )
+    try:
+        model = contract.model_validate(payload)
+    except ValidationError as exc:
+        raise DecodeError(
+            "validation-failed",
+            f"payload does not match {contract.__name__}: {exc}",
+            message_type=raw.message_type,
+            version=raw.version,
+            cause=exc,
+        ) from exc
+    return Envelope(
+        id=raw.id,
+        message_type=raw.message_type,
+        version=raw.version,
+        payload=model,
+        timestamp=raw.timestamp,
+        correlation_id=raw.correlation_id,
+        causation_id=raw.causation_id,
+        service_name=raw.service_name,
+        trace_context=raw.trace_context,
+        metadata=raw.metadata,
+        headers=delivery.headers,
+    )

@@ -1,0 +1,154 @@
+"""Names and declarations of the broker topology (DESIGN.md §3), for any transport.
+
+::
+
+    exchange.platform.events                          topic, routing key = "usercreated"
+      └─▶ exchange.platform.events.{group}.usercreated  fanout, one per group and event
+            └─▶ queue of the same name                 quorum (or classic with priorities)
+                  └─ x-dead-letter ─▶ dlq.exchange.platform.events.{group}.usercreated
+
+Every group has its own exchange so that a retry or a replay can be sent to
+that group alone: other subscribers never see the duplicate.
+
+Delayed messages leave the delay levels (``delay.py``) through
+``banyan.delay.delivery`` with a routing key ending in their destination:
+
+- a retry's destination is the group exchange itself (``<28 bits>.{group exchange}``);
+- a delayed *publish* is addressed to ``exchange.platform.events.{event}``, which the
+  delivery exchange forwards to the root exchange (``<28 bits>.exchange.platform.events.*``),
+  where each group exchange is bound a second time with
+  ``<28 bits>.exchange.platform.events.{event}``. Group names hold no dots, so neither
+  pattern can match the other's keys.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from banyan_bus.contracts import routing_key_for
+from banyan_bus.delay import MAX_LEVEL
+from banyan_bus.envelope import PRIORITY_MAX
+from banyan_bus.errors import ConfigurationError
+from banyan_bus.transport.base import Arguments, Transport
+
+ROOT_EXCHANGE = "exchange.platform.events"
+COMMANDS_EXCHANGE = "exchange.platform.commands"
+DLQ_PREFIX = "dlq."
+DEFAULT_DELIVERY_LIMIT = 20
+
+QueueType = Literal["quorum", "classic"]
+
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_group_name(name: str, *, what: str = "subscription_group") -> str:
+    """Group and service names become exchange-name words: no dots, 64 characters at most."""
+    if not isinstance(name, str) or not _GROUP_NAME.match(name):
+        raise ConfigurationError(
+            f"{what} {name!r} is invalid: use 1-64 letters, digits, '-' or '_', starting "
+            f"with a letter or digit (it becomes part of exchange and queue names)."
+        )
+    return name
+
+
+def group_exchange(group: str, message_type: str) -> str:
+    """``exchange.platform.events.{group}.{event}``: the group's exchange and queue name."""
+    return f"{ROOT_EXCHANGE}.{group}.{routing_key_for(message_type)}"
+
+
+def dead_letter_queue(group: str, message_type: str) -> str:
+    """``dlq.exchange.platform.events.{group}.{event}``."""
+    return DLQ_PREFIX + group_exchange(group, message_type)
+
+
+def delayed_publish_destination(message_type: str) -> str:
+    """The destination a delayed publish is addressed to (see the module docstring)."""
+    return f"{ROOT_EXCHANGE}.{routing_key_for(message_type)}"
+
+
+# A delay routing key is 28 bit-words then the destination; matching the bits with
+# exactly 28 ``*`` (not ``#``) keeps one destination from matching another's suffix.
+_DELAY_BITS = "*." * (MAX_LEVEL + 1)
+
+#: Binds the delay delivery exchange to the root exchange for delayed publishes.
+DELAYED_PUBLISH_PATTERN = f"{_DELAY_BITS}{ROOT_EXCHANGE}.*"
+
+
+def command_queue(message_type: str) -> str:
+    return f"{COMMANDS_EXCHANGE}.{routing_key_for(message_type)}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    """How a subscription's queue is declared. Changing these on an existing queue
+    is a ``TopologyMismatch``: RabbitMQ never alters a declared queue."""
+
+    queue_type: QueueType = "quorum"
+    max_length: int | None = None
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+
+    def __post_init__(self) -> None:
+        if self.queue_type not in ("quorum", "classic"):
+            raise ConfigurationError(
+                f"queue_type must be 'quorum' or 'classic', got {self.queue_type!r}"
+            )
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool) or self.max_length < 1
+        ):
+            raise ConfigurationError(f"max_length must be a positive int, got {self.max_length!r}")
+        if self.delivery_limit < 1:
+            raise ConfigurationError(
+                f"delivery_limit must be a positive int, got {self.delivery_limit!r}"
+            )
+
+
+def queue_arguments(options: QueueOptions, dlq: str) -> dict[str, object]:
+    """Arguments of a group queue: broker-side dead-lettering into its DLQ, always."""
+    args: dict[str, object] = {
+        "x-queue-type": options.queue_type,
+        # The default exchange routes by queue name: no DLX exchange to declare.
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dlq,
+    }
+    if options.queue_type == "quorum":
+        args["x-delivery-limit"] = options.delivery_limit
+        # at-least-once dead-lettering needs reject-publish overflow (RabbitMQ 3.10+).
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"
+    else:
+        args["x-max-priority"] = PRIORITY_MAX
+        args["x-overflow"] = "reject-publish"
+    if options.max_length is not None:
+        args["x-max-length"] = options.max_length
+    return args
+
+
+def dlq_arguments(options: QueueOptions) -> dict[str, object]:
+    return {"x-queue-type": options.queue_type}
+
+
+async def declare_root(transport: Transport) -> None:
+    await transport.declare_exchange(ROOT_EXCHANGE, "topic")
+
+
+async def declare_group(
+    transport: Transport, group: str, message_type: str, options: QueueOptions
+) -> str:
+    """Declare the group's exchange, queue and DLQ and bind them; returns the queue name."""
+    name = group_exchange(group, message_type)
+    dlq = dead_letter_queue(group, message_type)
+    await transport.declare_queue(dlq, arguments=_args(dlq_arguments(options)))
+    await transport.declare_exchange(name, "fanout")
+    await transport.declare_queue(name, arguments=_args(queue_arguments(options, dlq)))
+    await transport.bind_queue(name, name)
+    await transport.bind_exchange(name, ROOT_EXCHANGE, routing_key_for(message_type))
+    await transport.bind_exchange(
+        name, ROOT_EXCHANGE, _DELAY_BITS + delayed_publish_destination(message_type)
+    )
+    return name
+
+
+def _args(args: dict[str, object]) -> Arguments:
+    return args  # type: ignore[return-value]  # values are str/int, valid header values
