@@ -8,6 +8,7 @@ delays and end in a dead-letter queue. ``memory://`` is the embedded default.
 from banyan_bus.bus import MessageBus
 from banyan_bus.context import MessageContext, current_context
 from banyan_bus.contracts import Command, Event, Message, Query
+from banyan_bus.di import Logger
 from banyan_bus.errors import (
     BanyanError,
     BrokerUnreachable,
@@ -25,6 +26,7 @@ from banyan_bus.errors import (
     TopologyMismatch,
     Unroutable,
 )
+from banyan_bus.handlers import CommandHandler, EventHandler, QueryHandler, upcaster
 from banyan_bus.retry import RetryPolicy
 
 __all__ = [
@@ -32,11 +34,14 @@ __all__ = [
     "BrokerUnreachable",
     "BusCapacityExceeded",
     "Command",
+    "CommandHandler",
     "ConfigurationError",
     "ContractError",
     "DependencyError",
     "Event",
+    "EventHandler",
     "HandlerError",
+    "Logger",
     "Message",
     "MessageBus",
     "MessageContext",
@@ -44,6 +49,7 @@ __all__ = [
     "PluginMissing",
     "PublishError",
     "Query",
+    "QueryHandler",
     "RemoteHandlerError",
     "RequestTimeout",
     "RetryPolicy",
@@ -51,4 +57,5 @@ __all__ = [
     "TopologyMismatch",
     "Unroutable",
     "current_context",
+    "upcaster",
 ]

@@ -12,15 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
-from types import TracebackType
+from collections.abc import Awaitable, Callable, Sequence
+from types import ModuleType, TracebackType
 from typing import Any, Self, TypeVar, overload
 
 import structlog
+from dishka import Provider
 
-from banyan_bus.consume import Subscription, SubscriptionConsumer
-from banyan_bus.context import current_context
-from banyan_bus.contracts import ContractRegistry, Event, Message, registry, routing_key_for
+from banyan_bus.consume import Subscription, SubscriptionConsumer, make_context
+from banyan_bus.context import MessageContext, current_context
+from banyan_bus.contracts import (
+    Command,
+    ContractRegistry,
+    Event,
+    Message,
+    Query,
+    registry,
+    routing_key_for,
+)
 from banyan_bus.delay import (
     DELIVERY_EXCHANGE,
     delay_route,
@@ -32,11 +41,14 @@ from banyan_bus.envelope import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_DELAY,
     HEADER_PARTITION_KEY,
+    Envelope,
     Priority,
     encode,
 )
 from banyan_bus.errors import ConfigurationError, ContractError, HandlerError
-from banyan_bus.handlers import HandlerSpec, function_handler
+from banyan_bus.di import Injector
+from banyan_bus.handlers import HandlerSpec, dispatch_table, function_handler, handler_options
+from banyan_bus.rpc import CommandConsumer, Requester
 from banyan_bus.retry import RetryPolicy
 from banyan_bus.topology import (
     DELAYED_PUBLISH_PATTERN,
@@ -48,7 +60,7 @@ from banyan_bus.topology import (
     declare_root,
     delayed_publish_destination,
 )
-from banyan_bus.transport.base import Headers, Transport
+from banyan_bus.transport.base import Delivery, Headers, Transport
 
 log = structlog.get_logger("banyan_bus.bus")
 
@@ -57,6 +69,50 @@ M = TypeVar("M", bound=Message)
 DEFAULT_URL = "memory://"
 DEFAULT_CONCURRENCY = 10
 DEFAULT_HANDLER_TIMEOUT = 120.0
+
+
+class _Default:
+    """Marks "use the bus's setting" where ``None`` already means something."""
+
+    def __repr__(self) -> str:
+        return "<bus default>"
+
+
+_DEFAULT: Any = _Default()
+
+
+_SUBSCRIBE_OPTIONS = frozenset(
+    {
+        "subscription_group",
+        "concurrency",
+        "prefetch",
+        "auto_ack",
+        "retry",
+        "timeout",
+        "queue_type",
+        "max_length",
+    }
+)
+_CLASS_OPTIONS = {
+    "event": _SUBSCRIBE_OPTIONS,
+    "command": frozenset({"concurrency", "timeout"}),
+    "query": frozenset({"concurrency", "timeout"}),
+}
+
+
+def _event_options(options: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {
+        "subscription_group": None,
+        "concurrency": DEFAULT_CONCURRENCY,
+        "prefetch": None,
+        "auto_ack": True,
+        "retry": None,
+        "timeout": _DEFAULT,
+        "queue_type": None,
+        "max_length": None,
+    }
+    merged.update(options)
+    return merged
 
 
 def make_transport(url: str, *, name: str) -> Transport:
@@ -99,6 +155,7 @@ class MessageBus:
         handler_timeout: float | None = DEFAULT_HANDLER_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         grace_period: float = 30.0,
+        providers: Sequence[Provider] = (),
         contracts: ContractRegistry | None = None,
     ) -> None:
         self.service = check_group_name(service, what="service")
@@ -121,6 +178,10 @@ class MessageBus:
         self._consumers: list[SubscriptionConsumer] = []
         self._delays_declared = False
         self._delay_lock = asyncio.Lock()
+        self._injector = Injector(providers, self)
+        self._commands: dict[str, tuple[HandlerSpec, dict[str, Any]]] = {}
+        self._command_consumers: list[CommandConsumer] = []
+        self._requester: Requester | None = None
         self._started = False
         self._log = log.bind(service=service)
 
@@ -159,15 +220,20 @@ class MessageBus:
         """Connect, declare the topology of every subscription, start consuming."""
         if self._started:
             return
+        if self._injector.needed:
+            self._injector.build()  # fails here, before connecting, on a missing dependency
         transport = make_transport(self.url, name=self.service)
         await transport.connect()
         self._transport = transport
+        self._requester = Requester(transport)
         try:
             await declare_root(transport)
             for sub in self._subscriptions.values():
                 await self._declare(sub)
             for sub in self._subscriptions.values():
                 await self._start_consumer(sub)
+            for message_type, (spec, options) in self._commands.items():
+                await self._start_command_consumer(message_type, spec, options)
         except BaseException:
             await self._close_transport()
             raise
@@ -179,19 +245,26 @@ class MessageBus:
         if self._transport is None:
             return
         grace = self.grace_period if grace_period is None else grace_period
-        for consumer in self._consumers:
+        consumers: list[SubscriptionConsumer | CommandConsumer] = [
+            *self._consumers,
+            *self._command_consumers,
+        ]
+        for consumer in consumers:
             await consumer.stop_consuming()
-        for consumer in self._consumers:
-            if not await consumer.wait_idle(grace):
+        deadline = asyncio.get_running_loop().time() + grace
+        for consumer in consumers:
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            if not await consumer.wait_idle(left):
                 self._log.warning(
                     "grace_period_over",
-                    group=consumer.subscription.group,
-                    in_flight=consumer.in_flight,
-                    detail="returning unfinished messages to the queue",
+                    detail="returning unfinished messages to their queue",
                 )
                 await consumer.cancel_in_flight()
         self._consumers.clear()
+        self._command_consumers.clear()
+        self._requester = None
         await self._close_transport()
+        await self._injector.close()
         self._started = False
         self._log.info("bus_stopped")
 
@@ -218,7 +291,7 @@ class MessageBus:
         prefetch: int | None = None,
         auto_ack: bool = True,
         retry: RetryPolicy | None = None,
-        timeout: float | None = -1.0,
+        timeout: float | None = _DEFAULT,
         queue_type: QueueType | None = None,
         max_length: int | None = None,
     ) -> Subscription:
@@ -274,7 +347,7 @@ class MessageBus:
                 f"prefetch must be an int from 1 to 65535 (unbounded prefetch is refused: it "
                 f"defeats back-pressure), got {prefetch!r}"
             )
-        if timeout == -1.0:
+        if timeout is _DEFAULT:
             timeout = self.handler_timeout
         if timeout is not None and timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
@@ -356,6 +429,128 @@ class MessageBus:
                     )
             await transport.bind_exchange(ROOT_EXCHANGE, DELIVERY_EXCHANGE, DELAYED_PUBLISH_PATTERN)
             self._delays_declared = True
+
+    # -- class handlers ------------------------------------------------------------
+
+    async def register(self, *handlers: type[Any] | ModuleType) -> None:
+        """Register ``@EventHandler`` / ``@CommandHandler`` / ``@QueryHandler`` classes.
+
+        A module registers every decorated class defined in it, in definition
+        order. Call before ``start()``: the dependency graph is checked then.
+        """
+        for item in handlers:
+            if isinstance(item, ModuleType):
+                found = [
+                    obj
+                    for obj in vars(item).values()
+                    if isinstance(obj, type)
+                    and handler_options(obj) is not None
+                    and obj.__module__ == item.__name__
+                ]
+                for cls in found:
+                    await self._register_class(cls)
+            else:
+                await self._register_class(item)
+
+    async def _register_class(self, cls: type[Any]) -> None:
+        opts = handler_options(cls)
+        if opts is None:
+            raise HandlerError(
+                f"{getattr(cls, '__qualname__', cls)!r} is not a handler class: decorate it with "
+                f"@EventHandler(...), @CommandHandler(...) or @QueryHandler(...)"
+            )
+        if self._started:
+            raise HandlerError(
+                f"register {cls.__qualname__} before bus.start(): class handlers are wired "
+                f"into the dependency container when the bus starts"
+            )
+        table = dispatch_table(cls, opts.contract)
+        spec = HandlerSpec(
+            name=f"{cls.__module__}.{cls.__qualname__}",
+            contract=opts.contract,
+            invoke=self._injector.invoker(cls, table),
+            versions=frozenset(table),
+        )
+        self._injector.add(cls)
+        unknown = set(opts.options) - _CLASS_OPTIONS[opts.kind]
+        if unknown:
+            raise HandlerError(
+                f"{cls.__qualname__}: unknown option(s) {sorted(unknown)}; "
+                f"valid: {sorted(_CLASS_OPTIONS[opts.kind])}"
+            )
+        if opts.kind == "event":
+            await self._add_handler(opts.contract, spec, **_event_options(opts.options))
+            return
+        message_type = opts.contract.__message_type__
+        if message_type in self._commands:
+            raise HandlerError(
+                f"{message_type} already has a handler in this service "
+                f"({self._commands[message_type][0].name}); exactly one handler owns a "
+                f"{opts.kind}"
+            )
+        self._commands[message_type] = (spec, dict(opts.options))
+
+    async def _start_command_consumer(
+        self, message_type: str, spec: HandlerSpec, options: dict[str, Any]
+    ) -> None:
+        group = self.service
+
+        def context(envelope: Envelope, delivery: Delivery) -> MessageContext:
+            return make_context(envelope, delivery, group=group)
+
+        consumer = CommandConsumer(
+            transport=self.transport,
+            registry=self.contracts,
+            message_type=message_type,
+            handler=spec,
+            service=self.service,
+            concurrency=int(options.get("concurrency", DEFAULT_CONCURRENCY)),
+            timeout=options.get("timeout", self.handler_timeout),
+            context_factory=context,
+        )
+        await consumer.start()
+        self._command_consumers.append(consumer)
+
+    # -- commands and queries --------------------------------------------------------
+
+    async def send(
+        self, command: Command, *, timeout: float = 30.0, result_type: Any = None
+    ) -> Any:
+        """Send a command to the one service that owns it; returns its result.
+
+        The result is turned into the command's ``result=`` type (or
+        ``result_type``). Raises ``RemoteHandlerError`` if the handler raised,
+        ``RequestTimeout`` if no answer came within ``timeout`` seconds.
+        """
+        if not isinstance(command, Command):
+            raise ContractError(f"send() takes a Command instance, got {command!r}")
+        return await self._request(command, timeout, result_type)
+
+    async def query(self, query: Query, *, timeout: float = 30.0, result_type: Any = None) -> Any:
+        """Ask the service that owns ``query``; returns its answer (see ``send``)."""
+        if not isinstance(query, Query):
+            raise ContractError(f"query() takes a Query instance, got {query!r}")
+        return await self._request(query, timeout, result_type)
+
+    async def _request(self, message: Message, timeout: float, result_type: Any) -> Any:
+        if timeout <= 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
+        requester = self._requester
+        if requester is None:
+            raise RuntimeError(f"{self!r} is not started: use `async with bus:` first")
+        ctx = current_context()
+        outgoing = encode(
+            message,
+            service_name=self.service,
+            correlation_id=ctx.correlation_id if ctx else None,
+            causation_id=ctx.id if ctx else None,
+            max_size=self.max_message_size,
+        )
+        return await requester.request(
+            outgoing,
+            timeout=timeout,
+            result_type=result_type or type(message).__result_type__,
+        )
 
     # -- publish --------------------------------------------------------------------
 

@@ -232,24 +232,8 @@ class SubscriptionConsumer:
             _current.reset(token)
 
     def _context(self, envelope: Envelope, delivery: Delivery) -> MessageContext:
-        headers = delivery.headers
-        attempt = headers.get(HEADER_ATTEMPT, 1)
-        delay = headers.get(HEADER_DELAY, 0)
-        return MessageContext(
-            id=envelope.id,
-            message_type=envelope.message_type,
-            version=envelope.version,
-            correlation_id=envelope.correlation_id,
-            causation_id=envelope.causation_id,
-            timestamp=envelope.timestamp,
-            delay=delay if isinstance(delay, int) else 0,
-            attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
-            service_name=envelope.service_name,
-            headers=headers,
-            group=self.subscription.group,
-            delivery=delivery,
-            auto_ack=self.subscription.auto_ack,
-        )
+        sub = self.subscription
+        return make_context(envelope, delivery, group=sub.group, auto_ack=sub.auto_ack)
 
     async def _run_handlers(
         self,
@@ -356,7 +340,7 @@ class SubscriptionConsumer:
         headers.setdefault(HEADER_FIRST_FAILURE, format_timestamp(datetime.now(UTC)))
         if done:
             headers[HEADER_HANDLED] = list[HeaderValue](done)
-        headers.pop("x-death", None)  # the delay levels' own history; not the user's
+        strip_death_headers(headers)
         route = delay_route(max(1, round(delay_s * 1000)), self.subscription.queue_name)
         await self._transport.publish(
             route.exchange,
@@ -379,7 +363,7 @@ class SubscriptionConsumer:
         sub = self.subscription
         now = format_timestamp(datetime.now(UTC))
         headers: Headers = dict(delivery.headers)
-        headers.pop("x-death", None)
+        strip_death_headers(headers)
         headers.update(
             {
                 DLQ_REASON: reason,
@@ -430,6 +414,49 @@ class SubscriptionConsumer:
             await settle
         except (BanyanError, RuntimeError) as exc:
             self._log.warning("settle_failed", message_id=delivery.message_id, error=str(exc))
+
+
+def make_context(
+    envelope: Envelope, delivery: Delivery, *, group: str, auto_ack: bool = True
+) -> MessageContext:
+    headers = delivery.headers
+    attempt = headers.get(HEADER_ATTEMPT, 1)
+    delay = headers.get(HEADER_DELAY, 0)
+    return MessageContext(
+        id=envelope.id,
+        message_type=envelope.message_type,
+        version=envelope.version,
+        correlation_id=envelope.correlation_id,
+        causation_id=envelope.causation_id,
+        timestamp=envelope.timestamp,
+        delay=delay if isinstance(delay, int) and not isinstance(delay, bool) else 0,
+        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
+        service_name=envelope.service_name,
+        headers=headers,
+        group=group,
+        delivery=delivery,
+        auto_ack=auto_ack,
+    )
+
+
+# Headers RabbitMQ adds when it dead-letters. A republished message must not carry
+# them: RabbitMQ 3.10 reads x-death to detect dead-letter cycles and would drop a
+# retry's second trip through the same delay level.
+_DEATH_HEADERS = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
+)
+
+
+def strip_death_headers(headers: Headers) -> None:
+    for name in _DEATH_HEADERS:
+        headers.pop(name, None)
 
 
 def _republish(delivery: Delivery, headers: Headers) -> OutgoingMessage:

@@ -134,6 +134,8 @@ class Message(BaseModel):
     __message_type__: ClassVar[str]
     __message_version__: ClassVar[int]
     __partition_key__: ClassVar[str | None] = None
+    #: What a command or query answers with (``class CreateUser(Command, result=UserView)``).
+    __result_type__: ClassVar[Any] = None
     __abstract_contract__: ClassVar[bool] = True
 
     def __init_subclass__(
@@ -144,6 +146,7 @@ class Message(BaseModel):
         check_name: bool = True,
         partition_key: str | None = None,
         abstract: bool = False,
+        result: Any = None,
         **kwargs: Any,
     ) -> None:
         # Pydantic passes the same keywords to __pydantic_init_subclass__, where the
@@ -159,6 +162,7 @@ class Message(BaseModel):
         check_name: bool = True,
         partition_key: str | None = None,
         abstract: bool = False,
+        result: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__pydantic_init_subclass__(**kwargs)
@@ -196,6 +200,10 @@ class Message(BaseModel):
         cls.__message_version__ = version
         if partition_key is not None:
             cls.__partition_key__ = partition_key
+        if result is not None:
+            if cls.__message_kind__ == "event":
+                raise ContractError(f"{cls.__name__}: events have no result; drop result=")
+            cls.__result_type__ = result
         registry.register(cls)
 
     @classmethod

@@ -8,13 +8,18 @@ there rather than at the first message.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar, get_type_hints
 
 from banyan_bus.context import MessageContext
-from banyan_bus.contracts import Message
+from banyan_bus.contracts import Message, registry
 from banyan_bus.errors import HandlerError
+
+T = TypeVar("T")
+M1 = TypeVar("M1", bound=Message)
+M2 = TypeVar("M2", bound=Message)
 
 Invoke = Callable[[Message, MessageContext], Awaitable[Any]]
 
@@ -80,3 +85,201 @@ def function_handler(contract: type[Message], fn: Callable[..., Awaitable[Any]])
         invoke=invoke,
         versions=frozenset({contract.__message_version__}),
     )
+
+
+# -- class handlers -------------------------------------------------------------------
+
+HandlerKind = Literal["event", "command", "query"]
+_HANDLE_V = re.compile(r"^handle_v(\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerOptions:
+    """What a class decorator recorded: the contract and the subscription options."""
+
+    kind: HandlerKind
+    contract: type[Message]
+    options: dict[str, Any]
+
+
+def _decorate(kind: HandlerKind, contract: type[Message], options: dict[str, Any]) -> Callable[[type[T]], type[T]]:
+    expected = {"event": "Event", "command": "Command", "query": "Query"}[kind]
+    if not (isinstance(contract, type) and issubclass(contract, Message)) or (
+        contract.is_abstract_contract() or contract.__message_kind__ != kind
+    ):
+        raise HandlerError(
+            f"@{expected}Handler takes a concrete {expected} class, got {contract!r}"
+        )
+
+    def mark(cls: type[T]) -> type[T]:
+        if not isinstance(cls, type):
+            raise HandlerError(f"@{expected}Handler decorates a class, got {cls!r}")
+        if not inspect.iscoroutinefunction(getattr(cls, "handle", None)) and not any(
+            _HANDLE_V.match(n) for n in dir(cls)
+        ):
+            raise HandlerError(
+                f"{cls.__qualname__} needs `async def handle(self, message)` "
+                f"(or handle_v1, handle_v2, … methods) to handle {contract.__name__}"
+            )
+        setattr(cls, "__banyan_handler__", HandlerOptions(kind, contract, options))
+        _check_methods(cls, contract)
+        return cls
+
+    return mark
+
+
+def EventHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:  # noqa: N802
+    """Mark a class as an event handler; options are ``bus.subscribe``'s.
+
+    Example::
+
+        @EventHandler(UserCreated, subscription_group="welcome-emails", concurrency=5)
+        class SendWelcomeEmail:
+            def __init__(self, email: EmailService) -> None:
+                self.email = email
+
+            async def handle(self, event: UserCreated) -> None:
+                await self.email.send(event.email, "welcome")
+
+    Constructor parameters are injected by type (see ``MessageBus(providers=...)``);
+    a new instance is built for every message, in a per-message scope.
+    """
+    return _decorate("event", contract, options)
+
+
+def CommandHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:  # noqa: N802
+    """Mark a class as the owner of a command; ``handle`` returns the result."""
+    return _decorate("command", contract, options)
+
+
+def QueryHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:  # noqa: N802
+    """Mark a class as the owner of a query; ``handle`` returns the answer."""
+    return _decorate("query", contract, options)
+
+
+def handler_options(cls: type[Any]) -> HandlerOptions | None:
+    opts = getattr(cls, "__banyan_handler__", None)
+    return opts if isinstance(opts, HandlerOptions) else None
+
+
+def _message_param(method: Callable[..., Any]) -> tuple[Any, int]:
+    """The first parameter's annotation after ``self``, and how many positional params."""
+    try:
+        hints = get_type_hints(method)
+    except Exception:  # unresolved forward refs: nothing to check against
+        hints = {}
+    params = [
+        p
+        for p in inspect.signature(method).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ][1:]
+    if not params:
+        return None, 0
+    return hints.get(params[0].name), len(params)
+
+
+def _check_methods(cls: type[Any], contract: type[Message]) -> None:
+    for name in dir(cls):
+        match = _HANDLE_V.match(name)
+        if name != "handle" and not match:
+            continue
+        method = getattr(cls, name)
+        if not inspect.iscoroutinefunction(method):
+            raise HandlerError(f"{cls.__qualname__}.{name} must be `async def`")
+        annotation, count = _message_param(method)
+        if count not in (1, 2):
+            raise HandlerError(
+                f"{cls.__qualname__}.{name} must take (self, message) or (self, message, ctx)"
+            )
+        if match:
+            expected = registry.get(contract.__message_type__, int(match[1]))
+            if expected is None:
+                raise HandlerError(
+                    f"{cls.__qualname__}.{name}: no contract is registered for "
+                    f"{contract.__message_type__} version {match[1]}"
+                )
+        else:
+            expected = contract
+        if annotation is not None and annotation is not expected:
+            raise HandlerError(
+                f"{cls.__qualname__}.{name} is annotated with {getattr(annotation, '__name__', annotation)} "
+                f"but handles {expected.__name__} ({expected.__message_type__} "
+                f"v{expected.__message_version__}); make them agree."
+            )
+
+
+# -- upcasters ------------------------------------------------------------------------
+
+Upcast = Callable[[Any], Any]
+_upcasters: dict[tuple[str, int], tuple[type[Message], Upcast]] = {}
+
+
+def upcaster(old: type[M1], new: type[M2]) -> Callable[[Callable[[M1], M2]], Callable[[M1], M2]]:
+    """Register a function that turns ``old`` (version n) into ``new`` (a later version).
+
+    Chains compose: v1→v2 and v2→v3 let a v3 ``handle`` serve v1 messages.
+
+    Example::
+
+        @upcaster(UserCreated, UserCreatedV2)
+        def v1_to_v2(old: UserCreated) -> UserCreatedV2:
+            return UserCreatedV2(**old.model_dump(exclude={"created_at"}))
+    """
+    if old.__message_type__ != new.__message_type__ or (
+        old.__message_version__ >= new.__message_version__
+    ):
+        raise HandlerError(
+            f"@upcaster({old.__name__}, {new.__name__}) must go from an older to a newer "
+            f"version of one message type"
+        )
+
+    def register(fn: Callable[[M1], M2]) -> Callable[[M1], M2]:
+        _upcasters[(old.__message_type__, old.__message_version__)] = (new, fn)
+        return fn
+
+    return register
+
+
+def upcast_chain(message_type: str, source: int, target: int) -> list[Upcast] | None:
+    """The upcasters that turn ``source`` into ``target``, or None if there is no chain."""
+    chain: list[Upcast] = []
+    version = source
+    while version != target:
+        step = _upcasters.get((message_type, version))
+        if step is None or step[0].__message_version__ > target:
+            return None
+        chain.append(step[1])
+        version = step[0].__message_version__
+    return chain
+
+
+def _method_invoker(method_name: str, with_ctx: bool, chain: list[Upcast]) -> Callable[[Any, Message, MessageContext], Awaitable[Any]]:
+    async def call(instance: Any, message: Message, ctx: MessageContext) -> Any:
+        for step in chain:
+            message = step(message)
+        method = getattr(instance, method_name)
+        return await (method(message, ctx) if with_ctx else method(message))
+
+    return call
+
+
+def dispatch_table(cls: type[Any], contract: type[Message]) -> dict[int, Callable[[Any, Message, MessageContext], Awaitable[Any]]]:
+    """For each version this class serves: how to call it (method, upcasters).
+
+    ``handle_vN`` serves version N; ``handle`` serves the decorator's version and
+    every older version an upcaster chain leads to it from.
+    """
+    message_type = contract.__message_type__
+    table: dict[int, Callable[[Any, Message, MessageContext], Awaitable[Any]]] = {}
+    for version in registry.versions(message_type):
+        method = f"handle_v{version}"
+        if inspect.iscoroutinefunction(getattr(cls, method, None)):
+            table[version] = _method_invoker(method, _message_param(getattr(cls, method))[1] == 2, [])
+            continue
+        handle = getattr(cls, "handle", None)
+        if not inspect.iscoroutinefunction(handle):
+            continue
+        chain = upcast_chain(message_type, version, contract.__message_version__)
+        if chain is not None:
+            table[version] = _method_invoker("handle", _message_param(handle)[1] == 2, chain)
+    return table

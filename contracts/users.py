@@ -37,7 +37,16 @@ class EmailSent(Event):
     template: str
 
 
-class CreateUser(Command):
+class UserView(BaseModel):
+    """What user-service answers about a user."""
+
+    user_id: str
+    email: str
+    name: str
+    role: str
+
+
+class CreateUser(Command, result=UserView):
     """Ask user-service to create a user; answered with a ``UserView``."""
 
     email: str
@@ -45,12 +54,5 @@ class CreateUser(Command):
     role: str = "user"
 
 
-class GetUser(Query):
+class GetUser(Query, result=UserView):
     user_id: str
-
-
-class UserView(BaseModel):
-    user_id: str
-    email: str
-    name: str
-    role: str

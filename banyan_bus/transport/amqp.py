@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -49,6 +49,8 @@ from banyan_bus.transport.base import (
     QueueState,
     Transport,
 )
+
+REPLY_TO = "amq.rabbitmq.reply-to"
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
@@ -109,6 +111,16 @@ class AmqpDelivery(Delivery):
     async def reject(self) -> None:
         self._settle("reject")
         await self._transport._settle(self._message.reject(requeue=False))
+
+
+class _ReplyDelivery(AmqpDelivery):
+    """A direct reply-to delivery: the broker settled it on arrival (no-ack)."""
+
+    __slots__ = ()
+
+    def __init__(self, message: AbstractIncomingMessage, transport: AmqpTransport) -> None:
+        super().__init__(message, transport)
+        self._settled = True
 
 
 class _AmqpConsumer(Consumer):
@@ -300,6 +312,7 @@ class AmqpTransport(Transport):
             timestamp=message.timestamp,
             message_type=message.message_type,
             headers=message.headers,  # type: ignore[arg-type]  # pamqp's FieldTable
+            expiration=None if message.expiration is None else str(message.expiration),
         )
         try:
             underlay = await channel.get_underlay_channel()
@@ -348,6 +361,20 @@ class AmqpTransport(Transport):
 
         tag = await q.consume(on_message)
         return _AmqpConsumer(q, tag, channel)
+
+    async def start_replies(self, callback: Callable[[Delivery], None]) -> str:
+        # Direct reply-to: consume the pseudo-queue, no-ack, on the channel that
+        # publishes the requests (the confirm channel), as RabbitMQ requires.
+        channel = self._confirm_channel
+        if channel is None:
+            raise RuntimeError(f"transport to {self.display_url} is not connected")
+        queue = await channel.get_queue(REPLY_TO, ensure=False)
+
+        async def on_reply(message: AbstractIncomingMessage) -> None:
+            callback(_ReplyDelivery(message, self))
+
+        await queue.consume(on_reply, no_ack=True)
+        return REPLY_TO
 
     async def get(self, queue: str) -> Delivery | None:
         channel = self._plain_channel

@@ -41,6 +41,8 @@ class OutgoingMessage:
     content_type: str = "application/json"
     reply_to: str | None = None
     persistent: bool = True
+    #: Per-message TTL in ms: the broker drops the message if no consumer took it by then.
+    expiration: int | None = None
 
 
 class Delivery(ABC):
@@ -218,6 +220,13 @@ class Transport(ABC):
 
         At most ``prefetch`` deliveries are unsettled at once. The callback runs
         in its own task per delivery; it must settle the delivery.
+        """
+
+    @abstractmethod
+    async def start_replies(self, callback: Callable[[Delivery], None]) -> str:
+        """Start receiving replies (RabbitMQ's direct reply-to); returns the address to
+        put in ``reply_to``. Replies are settled on arrival (no ack needed). Requests
+        that expect a reply must be published with ``confirm=True``.
         """
 
     @abstractmethod

@@ -28,9 +28,10 @@ import itertools
 import logging
 import re
 import time
+import uuid
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -149,6 +150,12 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:  # close_all_connections() may be called outside the loop
         return None
+
+
+def _expiry(now: float, queue_ttl_ms: int | None, message_ttl_ms: int | None) -> float | None:
+    """Queue TTL and per-message ``expiration``: the earlier wins, as on RabbitMQ."""
+    ttls = [t for t in (queue_ttl_ms, message_ttl_ms) if t is not None]
+    return now + min(ttls) / 1000 if ttls else None
 
 
 def _now() -> float:
@@ -381,7 +388,7 @@ class _Queue:
             routing_key=routing_key,
             seq=next(self.broker.sequence),
             priority=min(max(properties.priority or 0, 0), self.max_priority),
-            expires_at=None if self.ttl_ms is None else now + self.ttl_ms / 1000,
+            expires_at=_expiry(now, self.ttl_ms, properties.expiration),
         )
         size = len(properties.body)
         if not force and self.overflow != "drop-head" and self._over_limit(1, size):
@@ -539,6 +546,41 @@ class _Queue:
             consumer.detach()
 
 
+class _ReplyDelivery(Delivery):
+    """A direct reply-to delivery: settled on arrival, like RabbitMQ's no-ack replies."""
+
+    __slots__ = ()
+
+    def __init__(self, props: OutgoingMessage, exchange: str, routing_key: str) -> None:
+        super().__init__(
+            body=props.body,
+            headers=_copy_headers(props.headers),
+            message_id=props.message_id,
+            correlation_id=props.correlation_id,
+            message_type=props.message_type,
+            timestamp=props.timestamp,
+            priority=props.priority,
+            content_type=props.content_type,
+            reply_to=props.reply_to,
+            redelivered=False,
+            exchange=exchange,
+            routing_key=routing_key,
+        )
+
+    @property
+    def settled(self) -> bool:
+        return True
+
+    async def ack(self) -> None:
+        raise RuntimeError("a reply is settled on arrival")
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        raise RuntimeError("a reply is settled on arrival")
+
+    async def reject(self) -> None:
+        raise RuntimeError("a reply is settled on arrival")
+
+
 class MemoryDelivery(Delivery):
     """A delivery from a memory queue; settles like an AMQP delivery tag."""
 
@@ -654,12 +696,15 @@ class _Connection:
         self.closed = False
         self.unacked: dict[MemoryDelivery, None] = {}  # insertion order = delivery order
         self.consumers: set[_MemoryConsumer] = set()
+        self.reply_addresses: list[str] = []
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self.broker.connections.discard(self)
+        for address in self.reply_addresses:
+            self.broker.reply_routes.pop(address, None)
         for consumer in list(self.consumers):
             consumer.detach()
         returned, self.unacked = list(self.unacked), {}
@@ -679,6 +724,8 @@ class MemoryBroker:
         self.connections: set[_Connection] = set()
         self.sequence = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Direct reply-to addresses: routing key on the default exchange -> callback.
+        self.reply_routes: dict[str, Callable[[Delivery], None]] = {}
 
     def close_all_connections(self) -> None:
         """Fault hook (``rabbitmqctl close_all_connections``): every transport's
@@ -892,6 +939,11 @@ class MemoryTransport(Transport):
         connection = self._connection
         if connection is None or connection.closed:
             raise PublishError(f"transport to {self.display_url} is closed; nothing was sent")
+        if exchange == DEFAULT_EXCHANGE and routing_key in self.broker.reply_routes:
+            reply = self.broker.reply_routes[routing_key]
+            delivery = _ReplyDelivery(message, exchange, routing_key)
+            asyncio.get_running_loop().call_soon(reply, delivery)
+            return
         source = self.broker.exchanges.get(exchange)
         if source is None:
             raise PublishError(
@@ -923,6 +975,13 @@ class MemoryTransport(Transport):
         connection.consumers.add(consumer)
         target.kick()
         return consumer
+
+    async def start_replies(self, callback: Callable[[Delivery], None]) -> str:
+        connection = self._open()
+        address = f"amq.rabbitmq.reply-to.{uuid.uuid4().hex}"
+        self.broker.reply_routes[address] = callback
+        connection.reply_addresses.append(address)
+        return address
 
     async def get(self, queue: str) -> Delivery | None:
         connection = self._open()

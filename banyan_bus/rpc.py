@@ -1,0 +1,268 @@
+"""Commands and queries: request/response over the same broker.
+
+Topology: ``exchange.platform.commands`` (direct) → one queue per command or
+query type, ``exchange.platform.commands.{type}``, declared by the service that
+owns it; its instances compete for requests. Requests carry ``reply_to``
+(RabbitMQ's direct reply-to: no reply queue to declare) and an ``expiration``
+equal to the caller's timeout, so a request nobody took in time is dropped by
+the broker instead of being executed after the caller gave up.
+
+A reply body is ``{"ok": true, "result": …}`` or
+``{"ok": false, "error": {"type": …, "message": …}}``. The caller turns the
+result into the contract's ``result=`` type, or raises ``RemoteHandlerError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pydantic_core
+import structlog
+from pydantic import TypeAdapter
+
+from banyan_bus.contracts import ContractRegistry, Message, routing_key_for
+from banyan_bus.envelope import DecodeError, decode, encode
+from banyan_bus.errors import BanyanError, RemoteHandlerError, RequestTimeout, Unroutable
+from banyan_bus.handlers import HandlerSpec
+from banyan_bus.topology import COMMANDS_EXCHANGE, command_queue
+from banyan_bus.transport.base import (
+    DEFAULT_EXCHANGE,
+    Consumer,
+    Delivery,
+    OutgoingMessage,
+    Transport,
+)
+
+log = structlog.get_logger("banyan_bus.rpc")
+
+_adapters: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _adapter(result_type: Any) -> TypeAdapter[Any]:
+    adapter = _adapters.get(result_type)
+    if adapter is None:
+        adapter = _adapters[result_type] = TypeAdapter(result_type)
+    return adapter
+
+
+async def declare_command(transport: Transport, message_type: str) -> str:
+    queue = command_queue(message_type)
+    await transport.declare_exchange(COMMANDS_EXCHANGE, "direct")
+    await transport.declare_queue(queue, arguments={"x-queue-type": "quorum"})
+    await transport.bind_queue(queue, COMMANDS_EXCHANGE, routing_key_for(message_type))
+    return queue
+
+
+class Requester:
+    """The caller's side: one reply address per connection, a future per request."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._pending: dict[str, asyncio.Future[Delivery]] = {}
+        self._reply_to: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def _address(self) -> str:
+        if self._reply_to is None:
+            async with self._lock:
+                if self._reply_to is None:
+                    self._reply_to = await self._transport.start_replies(self._on_reply)
+        return self._reply_to
+
+    def _on_reply(self, delivery: Delivery) -> None:
+        future = self._pending.pop(delivery.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(delivery)
+
+    async def request(
+        self, message: OutgoingMessage, *, timeout: float, result_type: Any
+    ) -> Any:
+        message_type = message.message_type or "?"
+        message.reply_to = await self._address()
+        message.expiration = max(1, int(timeout * 1000))
+        key = message.message_id or ""
+        future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            try:
+                await self._transport.publish(
+                    COMMANDS_EXCHANGE,
+                    routing_key_for(message_type),
+                    message,
+                    confirm=True,
+                    mandatory=True,
+                )
+            except (Unroutable, BanyanError) as exc:
+                if isinstance(exc, Unroutable) or "NOT_FOUND" in str(exc) or "not exist" in str(exc):
+                    raise RequestTimeout(
+                        f"no service handles {message_type}: no queue is bound for it on "
+                        f"{COMMANDS_EXCHANGE!r} (is the owning service deployed?)"
+                    ) from exc
+                raise
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await future
+            except TimeoutError as exc:
+                raise RequestTimeout(
+                    f"{message_type} {key} got no answer within {timeout} s; the owning "
+                    f"service may be down or slow (the request expires unhandled)"
+                ) from exc
+        finally:
+            self._pending.pop(key, None)
+        return _read_reply(reply, message_type, result_type)
+
+
+def _read_reply(reply: Delivery, message_type: str, result_type: Any) -> Any:
+    data = json.loads(reply.body)
+    if not data.get("ok"):
+        error = data.get("error") or {}
+        raise RemoteHandlerError(
+            message_type, str(error.get("type", "Error")), str(error.get("message", ""))
+        )
+    result = data.get("result")
+    if result_type is None:
+        return result
+    return _adapter(result_type).validate_python(result)
+
+
+class CommandConsumer:
+    """The owner's side: consume the command queue, run the handler, reply."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        registry: ContractRegistry,
+        message_type: str,
+        handler: HandlerSpec,
+        service: str,
+        concurrency: int,
+        timeout: float | None,
+        context_factory: Any,
+    ) -> None:
+        self._transport = transport
+        self._registry = registry
+        self.message_type = message_type
+        self._handler = handler
+        self._service = service
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._context_factory = context_factory
+        self._consumer: Consumer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        queue = await declare_command(self._transport, self.message_type)
+        self._consumer = await self._transport.consume(
+            queue, self._on_delivery, prefetch=self._concurrency * 2
+        )
+
+    async def stop_consuming(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.cancel()
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                while self._tasks:
+                    await asyncio.wait(set(self._tasks))
+        except TimeoutError:
+            return False
+        return True
+
+    async def cancel_in_flight(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            async with self._semaphore:
+                await self._handle(delivery)
+        except asyncio.CancelledError:
+            if not delivery.settled:
+                await delivery.nack(requeue=True)
+            raise
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            envelope = decode(delivery, self._registry)
+            if not self._handler.serves(envelope.version):
+                raise DecodeError(
+                    "unknown-version",
+                    f"{envelope.message_type} version {envelope.version} has no handler here",
+                )
+        except DecodeError as exc:
+            await self._reply(delivery, {"ok": False, "error": {"type": "BadRequest", "message": str(exc)}})
+            await delivery.ack()
+            return
+        ctx = self._context_factory(envelope, delivery)
+        ctx.handler = self._handler.name
+        from banyan_bus.context import _current
+
+        token = _current.set(ctx)
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await self._handler.invoke(envelope.payload, ctx)
+        except Exception as exc:
+            log.warning(
+                "request_failed",
+                message_type=self.message_type,
+                message_id=envelope.id,
+                error=f"{type(exc).__qualname__}: {exc}",
+            )
+            body: dict[str, Any] = {
+                "ok": False,
+                "error": {"type": type(exc).__qualname__, "message": str(exc)},
+            }
+        else:
+            body = {"ok": True, "result": result}
+        finally:
+            _current.reset(token)
+        await self._reply(delivery, body)
+        await delivery.ack()
+
+    async def _reply(self, delivery: Delivery, body: dict[str, Any]) -> None:
+        if not delivery.reply_to:
+            return  # fire-and-forget command: nobody waits for an answer
+        try:
+            payload = pydantic_core.to_json(body, by_alias=True)
+        except pydantic_core.PydanticSerializationError as exc:
+            payload = json.dumps(
+                {"ok": False, "error": {"type": "SerializationError", "message": str(exc)}}
+            ).encode()
+        try:
+            await self._transport.publish(
+                DEFAULT_EXCHANGE,
+                delivery.reply_to,
+                OutgoingMessage(
+                    body=payload,
+                    correlation_id=delivery.message_id,
+                    message_type=f"{self.message_type}.reply",
+                    persistent=False,
+                ),
+                confirm=False,
+            )
+        except BanyanError as exc:  # the caller went away: its request times out
+            log.warning("reply_failed", message_id=delivery.message_id, error=str(exc))
+
+
+def encode_request(message: Message, *, service: str, correlation_id: str | None, causation_id: str | None, max_size: int) -> OutgoingMessage:
+    return encode(
+        message,
+        service_name=service,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        max_size=max_size,
+    )
