@@ -37,6 +37,7 @@ from banyan_bus.delay import (
     destination_binding_key,
     parse_after,
 )
+from banyan_bus.di import Injector
 from banyan_bus.envelope import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_DELAY,
@@ -46,10 +47,9 @@ from banyan_bus.envelope import (
     encode,
 )
 from banyan_bus.errors import ConfigurationError, ContractError, HandlerError
-from banyan_bus.di import Injector
 from banyan_bus.handlers import HandlerSpec, dispatch_table, function_handler, handler_options
-from banyan_bus.rpc import CommandConsumer, Requester
 from banyan_bus.retry import RetryPolicy
+from banyan_bus.rpc import CommandConsumer, Requester
 from banyan_bus.topology import (
     DELAYED_PUBLISH_PATTERN,
     ROOT_EXCHANGE,
@@ -213,7 +213,9 @@ class MessageBus:
     @property
     def transport(self) -> Transport:
         if self._transport is None:
-            raise RuntimeError(f"{self!r} is not started: use `async with bus:` or `await bus.start()`")
+            raise RuntimeError(
+                f"{self!r} is not started: use `async with bus:` or `await bus.start()`"
+            )
         return self._transport
 
     async def start(self) -> None:
@@ -238,7 +240,9 @@ class MessageBus:
             await self._close_transport()
             raise
         self._started = True
-        self._log.info("bus_started", url=transport.display_url, subscriptions=len(self._subscriptions))
+        self._log.info(
+            "bus_started", url=transport.display_url, subscriptions=len(self._subscriptions)
+        )
 
     async def stop(self, grace_period: float | None = None) -> None:
         """Stop consuming, let in-flight handlers finish, return the rest, disconnect."""
@@ -301,7 +305,7 @@ class MessageBus:
         subscriptions) of one group share its queue. Several handlers of one
         group run in the order they were subscribed. ``concurrency`` bounds
         handlers running at once (default 10); ``prefetch`` bounds unacked
-        deliveries (default 3 × concurrency). Callable before or after ``start``.
+        deliveries (default 3 x concurrency). Callable before or after ``start``.
         """
         return await self._add_handler(
             contract,
@@ -336,13 +340,19 @@ class MessageBus:
                 f"are handled with @CommandHandler / @QueryHandler."
             )
         if contract.is_abstract_contract():
-            raise ContractError(f"{contract.__name__} is an abstract contract; subscribe to a concrete one.")
+            raise ContractError(
+                f"{contract.__name__} is an abstract contract; subscribe to a concrete one."
+            )
         group = check_group_name(subscription_group or self.service)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
         if prefetch is None:
             prefetch = 3 * concurrency
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= 65535:
+        if (
+            isinstance(prefetch, bool)
+            or not isinstance(prefetch, int)
+            or not 1 <= prefetch <= 65535
+        ):
             raise ConfigurationError(
                 f"prefetch must be an int from 1 to 65535 (unbounded prefetch is refused: it "
                 f"defeats back-pressure), got {prefetch!r}"
@@ -422,7 +432,9 @@ class MessageBus:
                 await transport.declare_queue(queue.name, arguments=dict(queue.arguments))
             for binding in topo.bindings:
                 if binding.destination_kind == "queue":
-                    await transport.bind_queue(binding.destination, binding.source, binding.routing_key)
+                    await transport.bind_queue(
+                        binding.destination, binding.source, binding.routing_key
+                    )
                 else:
                     await transport.bind_exchange(
                         binding.destination, binding.source, binding.routing_key
@@ -649,7 +661,9 @@ class MessageBus:
             event = message.model_validate(data)
         elif isinstance(message, Message):
             if data is not None:
-                raise ContractError("publish(instance, data): give an instance or a class with data, not both")
+                raise ContractError(
+                    "publish(instance, data): give an instance or a class with data, not both"
+                )
             event = message
         else:
             raise ContractError(

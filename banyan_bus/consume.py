@@ -243,9 +243,7 @@ class SubscriptionConsumer:
         handlers: list[HandlerSpec],
     ) -> None:
         done_before = delivery.headers.get(HEADER_HANDLED)
-        done: list[str] = (
-            [str(n) for n in done_before] if isinstance(done_before, list) else []
-        )
+        done: list[str] = [str(n) for n in done_before] if isinstance(done_before, list) else []
         for handler in handlers:
             if handler.name in done:
                 continue

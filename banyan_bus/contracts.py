@@ -186,9 +186,7 @@ class Message(BaseModel):
         if version is None:
             version = 1
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ContractError(
-                f"{cls.__name__}: version must be an int >= 1, got {version!r}."
-            )
+            raise ContractError(f"{cls.__name__}: version must be an int >= 1, got {version!r}.")
         if partition_key is not None and partition_key not in cls.model_fields:
             raise ContractError(
                 f"{cls.__name__}: partition_key={partition_key!r} is not a field; "

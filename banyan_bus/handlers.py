@@ -51,7 +51,7 @@ def function_handler(contract: type[Message], fn: Callable[..., Awaitable[Any]])
     """Wrap ``async def fn(event)`` or ``async def fn(event, ctx)`` for the engine."""
     if not callable(fn):
         raise HandlerError(f"handler for {contract.__name__} must be callable, got {fn!r}")
-    target = fn.__call__ if not inspect.isfunction(fn) and not inspect.ismethod(fn) else fn
+    target: Any = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
     if not inspect.iscoroutinefunction(target):
         raise HandlerError(
             f"handler {_qualname(fn)} for {contract.__name__} must be an `async def` function "
@@ -91,6 +91,7 @@ def function_handler(contract: type[Message], fn: Callable[..., Awaitable[Any]])
 
 HandlerKind = Literal["event", "command", "query"]
 _HANDLE_V = re.compile(r"^handle_v(\d+)$")
+_MARK = "__banyan_handler__"  # the attribute the class decorators set
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,9 @@ class HandlerOptions:
     options: dict[str, Any]
 
 
-def _decorate(kind: HandlerKind, contract: type[Message], options: dict[str, Any]) -> Callable[[type[T]], type[T]]:
+def _decorate(
+    kind: HandlerKind, contract: type[Message], options: dict[str, Any]
+) -> Callable[[type[T]], type[T]]:
     expected = {"event": "Event", "command": "Command", "query": "Query"}[kind]
     if not (isinstance(contract, type) and issubclass(contract, Message)) or (
         contract.is_abstract_contract() or contract.__message_kind__ != kind
@@ -121,14 +124,14 @@ def _decorate(kind: HandlerKind, contract: type[Message], options: dict[str, Any
                 f"{cls.__qualname__} needs `async def handle(self, message)` "
                 f"(or handle_v1, handle_v2, … methods) to handle {contract.__name__}"
             )
-        setattr(cls, "__banyan_handler__", HandlerOptions(kind, contract, options))
+        setattr(cls, _MARK, HandlerOptions(kind, contract, options))
         _check_methods(cls, contract)
         return cls
 
     return mark
 
 
-def EventHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:  # noqa: N802
+def EventHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:
     """Mark a class as an event handler; options are ``bus.subscribe``'s.
 
     Example::
@@ -147,18 +150,18 @@ def EventHandler(contract: type[Message], **options: Any) -> Callable[[type[T]],
     return _decorate("event", contract, options)
 
 
-def CommandHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:  # noqa: N802
+def CommandHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:
     """Mark a class as the owner of a command; ``handle`` returns the result."""
     return _decorate("command", contract, options)
 
 
-def QueryHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:  # noqa: N802
+def QueryHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:
     """Mark a class as the owner of a query; ``handle`` returns the answer."""
     return _decorate("query", contract, options)
 
 
 def handler_options(cls: type[Any]) -> HandlerOptions | None:
-    opts = getattr(cls, "__banyan_handler__", None)
+    opts = getattr(cls, _MARK, None)
     return opts if isinstance(opts, HandlerOptions) else None
 
 
@@ -201,8 +204,9 @@ def _check_methods(cls: type[Any], contract: type[Message]) -> None:
         else:
             expected = contract
         if annotation is not None and annotation is not expected:
+            shown = getattr(annotation, "__name__", annotation)
             raise HandlerError(
-                f"{cls.__qualname__}.{name} is annotated with {getattr(annotation, '__name__', annotation)} "
+                f"{cls.__qualname__}.{name} is annotated with {shown} "
                 f"but handles {expected.__name__} ({expected.__message_type__} "
                 f"v{expected.__message_version__}); make them agree."
             )
@@ -253,7 +257,9 @@ def upcast_chain(message_type: str, source: int, target: int) -> list[Upcast] | 
     return chain
 
 
-def _method_invoker(method_name: str, with_ctx: bool, chain: list[Upcast]) -> Callable[[Any, Message, MessageContext], Awaitable[Any]]:
+def _method_invoker(
+    method_name: str, with_ctx: bool, chain: list[Upcast]
+) -> Callable[[Any, Message, MessageContext], Awaitable[Any]]:
     async def call(instance: Any, message: Message, ctx: MessageContext) -> Any:
         for step in chain:
             message = step(message)
@@ -263,7 +269,9 @@ def _method_invoker(method_name: str, with_ctx: bool, chain: list[Upcast]) -> Ca
     return call
 
 
-def dispatch_table(cls: type[Any], contract: type[Message]) -> dict[int, Callable[[Any, Message, MessageContext], Awaitable[Any]]]:
+def dispatch_table(
+    cls: type[Any], contract: type[Message]
+) -> dict[int, Callable[[Any, Message, MessageContext], Awaitable[Any]]]:
     """For each version this class serves: how to call it (method, upcasters).
 
     ``handle_vN`` serves version N; ``handle`` serves the decorator's version and
@@ -274,7 +282,9 @@ def dispatch_table(cls: type[Any], contract: type[Message]) -> dict[int, Callabl
     for version in registry.versions(message_type):
         method = f"handle_v{version}"
         if inspect.iscoroutinefunction(getattr(cls, method, None)):
-            table[version] = _method_invoker(method, _message_param(getattr(cls, method))[1] == 2, [])
+            table[version] = _method_invoker(
+                method, _message_param(getattr(cls, method))[1] == 2, []
+            )
             continue
         handle = getattr(cls, "handle", None)
         if not inspect.iscoroutinefunction(handle):

@@ -76,9 +76,7 @@ class Requester:
         if future is not None and not future.done():
             future.set_result(delivery)
 
-    async def request(
-        self, message: OutgoingMessage, *, timeout: float, result_type: Any
-    ) -> Any:
+    async def request(self, message: OutgoingMessage, *, timeout: float, result_type: Any) -> Any:
         message_type = message.message_type or "?"
         message.reply_to = await self._address()
         message.expiration = max(1, int(timeout * 1000))
@@ -95,7 +93,11 @@ class Requester:
                     mandatory=True,
                 )
             except (Unroutable, BanyanError) as exc:
-                if isinstance(exc, Unroutable) or "NOT_FOUND" in str(exc) or "not exist" in str(exc):
+                if (
+                    isinstance(exc, Unroutable)
+                    or "NOT_FOUND" in str(exc)
+                    or "not exist" in str(exc)
+                ):
                     raise RequestTimeout(
                         f"no service handles {message_type}: no queue is bound for it on "
                         f"{COMMANDS_EXCHANGE!r} (is the owning service deployed?)"
@@ -204,7 +206,9 @@ class CommandConsumer:
                     f"{envelope.message_type} version {envelope.version} has no handler here",
                 )
         except DecodeError as exc:
-            await self._reply(delivery, {"ok": False, "error": {"type": "BadRequest", "message": str(exc)}})
+            await self._reply(
+                delivery, {"ok": False, "error": {"type": "BadRequest", "message": str(exc)}}
+            )
             await delivery.ack()
             return
         ctx = self._context_factory(envelope, delivery)
@@ -258,7 +262,14 @@ class CommandConsumer:
             log.warning("reply_failed", message_id=delivery.message_id, error=str(exc))
 
 
-def encode_request(message: Message, *, service: str, correlation_id: str | None, causation_id: str | None, max_size: int) -> OutgoingMessage:
+def encode_request(
+    message: Message,
+    *,
+    service: str,
+    correlation_id: str | None,
+    causation_id: str | None,
+    max_size: int,
+) -> OutgoingMessage:
     return encode(
         message,
         service_name=service,

@@ -159,7 +159,7 @@ class AmqpTransport(Transport):
                 timeout=self._connect_timeout,
                 client_properties={"connection_name": self._name},
             )
-        except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise BrokerUnreachable(
                 f"cannot connect to RabbitMQ at {self.display_url}: "
                 f"{type(exc).__name__}: {exc or 'no answer'}. Is the broker running and "
@@ -265,7 +265,9 @@ class AmqpTransport(Transport):
                 ok = await ch.queue_declare(queue=queue, passive=True)
         except TopologyError:
             return None
-        return QueueState(name=queue, messages=ok.message_count or 0, consumers=ok.consumer_count or 0)
+        return QueueState(
+            name=queue, messages=ok.message_count or 0, consumers=ok.consumer_count or 0
+        )
 
     async def exchange_exists(self, name: str) -> bool:
         try:
@@ -334,8 +336,12 @@ class AmqpTransport(Transport):
             raise PublishError(
                 f"cannot publish to {exchange!r}: {_reply_text(exc)}; nothing was sent"
             ) from exc
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError,
-                ConnectionError, asyncio.TimeoutError) as exc:
+        except (
+            TimeoutError,
+            aiormq.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+        ) as exc:
             raise PublishError(
                 f"publish of {message.message_id} to {exchange!r} was not confirmed: "
                 f"{type(exc).__name__}: {exc}"
@@ -387,8 +393,11 @@ class AmqpTransport(Transport):
     async def _settle(self, coro: Any) -> None:
         try:
             await coro
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError,
-                ConnectionError) as exc:
+        except (
+            aiormq.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+        ) as exc:
             # The channel is gone; the broker has already returned the message to its
             # queue and will redeliver it. Nothing is lost, so this is not fatal.
             raise PublishError(f"settle failed (message will be redelivered): {exc}") from exc

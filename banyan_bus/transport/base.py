@@ -19,7 +19,8 @@ from datetime import datetime
 from typing import Literal, TypeAlias
 
 ExchangeType: TypeAlias = Literal["topic", "direct", "fanout", "headers", "x-consistent-hash"]
-HeaderValue: TypeAlias = str | int | float | bool | bytes | None | datetime | list["HeaderValue"] | dict[str, "HeaderValue"]
+HeaderScalar: TypeAlias = str | int | float | bool | bytes | datetime | None
+HeaderValue: TypeAlias = HeaderScalar | list["HeaderValue"] | dict[str, "HeaderValue"]
 Headers: TypeAlias = dict[str, HeaderValue]
 Arguments: TypeAlias = Mapping[str, HeaderValue]
 
