@@ -30,13 +30,7 @@ from banyan_bus.contracts import (
     registry,
     routing_key_for,
 )
-from banyan_bus.delay import (
-    DELIVERY_EXCHANGE,
-    delay_route,
-    delay_topology,
-    destination_binding_key,
-    parse_after,
-)
+from banyan_bus.delay import delay_route, parse_after
 from banyan_bus.di import Injector
 from banyan_bus.envelope import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -49,16 +43,19 @@ from banyan_bus.envelope import (
 from banyan_bus.errors import ConfigurationError, ContractError, HandlerError
 from banyan_bus.handlers import HandlerSpec, dispatch_table, function_handler, handler_options
 from banyan_bus.retry import RetryPolicy
-from banyan_bus.rpc import CommandConsumer, Requester
+from banyan_bus.rpc import CommandConsumer, Requester, command_plan
 from banyan_bus.topology import (
-    DELAYED_PUBLISH_PATTERN,
     ROOT_EXCHANGE,
+    Declaration,
     QueueOptions,
     QueueType,
+    apply,
     check_group_name,
-    declare_group,
-    declare_root,
+    delay_plan,
     delayed_publish_destination,
+    group_plan,
+    retry_route_plan,
+    root_plan,
 )
 from banyan_bus.transport.base import Delivery, Headers, Transport
 
@@ -229,7 +226,7 @@ class MessageBus:
         self._transport = transport
         self._requester = Requester(transport)
         try:
-            await declare_root(transport)
+            await apply(transport, root_plan())
             for sub in self._subscriptions.values():
                 await self._declare(sub)
             for sub in self._subscriptions.values():
@@ -399,13 +396,30 @@ class MessageBus:
         return sub
 
     async def _declare(self, sub: Subscription) -> None:
-        transport = self.transport
-        await declare_group(transport, sub.group, sub.message_type, sub.queue)
         if sub.retry.delayed:
             await self._ensure_delays()
-            await transport.bind_exchange(
-                sub.queue_name, DELIVERY_EXCHANGE, destination_binding_key(sub.queue_name)
-            )
+        await apply(self.transport, self._subscription_plan(sub))
+
+    def _subscription_plan(self, sub: Subscription) -> list[Declaration]:
+        plan = group_plan(sub.group, sub.message_type, sub.queue)
+        if sub.retry.delayed:
+            plan += retry_route_plan(sub.queue_name)
+        return plan
+
+    def topology(self) -> list[Declaration]:
+        """Everything this service declares on the broker, in declaration order.
+
+        What ``banyan topology`` prints and ``--declare`` applies ahead of a deploy.
+        """
+        plan = root_plan()
+        subs = list(self._subscriptions.values())
+        if any(sub.retry.delayed for sub in subs):
+            plan += delay_plan()
+        for sub in subs:
+            plan += self._subscription_plan(sub)
+        for message_type in self._commands:
+            plan += command_plan(message_type)
+        return plan
 
     async def _start_consumer(self, sub: Subscription) -> None:
         consumer = SubscriptionConsumer(
@@ -422,25 +436,9 @@ class MessageBus:
         if self._delays_declared:
             return
         async with self._delay_lock:
-            if self._delays_declared:
-                return
-            transport = self.transport
-            topo = delay_topology()
-            for exchange in topo.exchanges:
-                await transport.declare_exchange(exchange.name, exchange.type)
-            for queue in topo.queues:
-                await transport.declare_queue(queue.name, arguments=dict(queue.arguments))
-            for binding in topo.bindings:
-                if binding.destination_kind == "queue":
-                    await transport.bind_queue(
-                        binding.destination, binding.source, binding.routing_key
-                    )
-                else:
-                    await transport.bind_exchange(
-                        binding.destination, binding.source, binding.routing_key
-                    )
-            await transport.bind_exchange(ROOT_EXCHANGE, DELIVERY_EXCHANGE, DELAYED_PUBLISH_PATTERN)
-            self._delays_declared = True
+            if not self._delays_declared:
+                await apply(self.transport, delay_plan())
+                self._delays_declared = True
 
     # -- class handlers ------------------------------------------------------------
 

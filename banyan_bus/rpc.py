@@ -26,7 +26,15 @@ from banyan_bus.contracts import ContractRegistry, Message, routing_key_for
 from banyan_bus.envelope import DecodeError, decode, encode
 from banyan_bus.errors import BanyanError, RemoteHandlerError, RequestTimeout, Unroutable
 from banyan_bus.handlers import HandlerSpec
-from banyan_bus.topology import COMMANDS_EXCHANGE, command_queue
+from banyan_bus.topology import (
+    COMMANDS_EXCHANGE,
+    BindingDecl,
+    Declaration,
+    ExchangeDecl,
+    QueueDecl,
+    apply,
+    command_queue,
+)
 from banyan_bus.transport.base import (
     DEFAULT_EXCHANGE,
     Consumer,
@@ -47,12 +55,14 @@ def _adapter(result_type: Any) -> TypeAdapter[Any]:
     return adapter
 
 
-async def declare_command(transport: Transport, message_type: str) -> str:
+def command_plan(message_type: str) -> list[Declaration]:
+    """The commands exchange and the queue of one command type, bound by its routing key."""
     queue = command_queue(message_type)
-    await transport.declare_exchange(COMMANDS_EXCHANGE, "direct")
-    await transport.declare_queue(queue, arguments={"x-queue-type": "quorum"})
-    await transport.bind_queue(queue, COMMANDS_EXCHANGE, routing_key_for(message_type))
-    return queue
+    return [
+        ExchangeDecl(COMMANDS_EXCHANGE, "direct"),
+        QueueDecl(queue, {"x-queue-type": "quorum"}),
+        BindingDecl(COMMANDS_EXCHANGE, queue, "queue", routing_key_for(message_type)),
+    ]
 
 
 class Requester:
@@ -157,7 +167,8 @@ class CommandConsumer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        queue = await declare_command(self._transport, self.message_type)
+        await apply(self._transport, command_plan(self.message_type))
+        queue = command_queue(self.message_type)
         self._consumer = await self._transport.consume(
             queue, self._on_delivery, prefetch=self._concurrency * 2
         )

@@ -24,14 +24,14 @@ Delayed messages leave the delay levels (``delay.py``) through
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from banyan_bus.contracts import routing_key_for
-from banyan_bus.delay import MAX_LEVEL
+from banyan_bus.delay import DELIVERY_EXCHANGE, MAX_LEVEL, delay_topology, destination_binding_key
 from banyan_bus.envelope import PRIORITY_MAX
 from banyan_bus.errors import ConfigurationError
-from banyan_bus.transport.base import Arguments, Transport
+from banyan_bus.transport.base import ExchangeType, HeaderValue, Transport
 
 ROOT_EXCHANGE = "exchange.platform.events"
 COMMANDS_EXCHANGE = "exchange.platform.commands"
@@ -104,9 +104,9 @@ class QueueOptions:
             )
 
 
-def queue_arguments(options: QueueOptions, dlq: str) -> dict[str, object]:
+def queue_arguments(options: QueueOptions, dlq: str) -> dict[str, HeaderValue]:
     """Arguments of a group queue: broker-side dead-lettering into its DLQ, always."""
-    args: dict[str, object] = {
+    args: dict[str, HeaderValue] = {
         "x-queue-type": options.queue_type,
         # The default exchange routes by queue name: no DLX exchange to declare.
         "x-dead-letter-exchange": "",
@@ -125,30 +125,82 @@ def queue_arguments(options: QueueOptions, dlq: str) -> dict[str, object]:
     return args
 
 
-def dlq_arguments(options: QueueOptions) -> dict[str, object]:
+def dlq_arguments(options: QueueOptions) -> dict[str, HeaderValue]:
     return {"x-queue-type": options.queue_type}
 
 
-async def declare_root(transport: Transport) -> None:
-    await transport.declare_exchange(ROOT_EXCHANGE, "topic")
+@dataclass(frozen=True, slots=True)
+class ExchangeDecl:
+    name: str
+    type: ExchangeType
+    arguments: dict[str, HeaderValue] = field(default_factory=dict, hash=False)
 
 
-async def declare_group(
-    transport: Transport, group: str, message_type: str, options: QueueOptions
-) -> str:
-    """Declare the group's exchange, queue and DLQ and bind them; returns the queue name."""
+@dataclass(frozen=True, slots=True)
+class QueueDecl:
+    name: str
+    arguments: dict[str, HeaderValue] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BindingDecl:
+    source: str
+    destination: str
+    destination_kind: Literal["queue", "exchange"]
+    routing_key: str = ""
+
+
+Declaration = ExchangeDecl | QueueDecl | BindingDecl
+
+
+def root_plan() -> list[Declaration]:
+    return [ExchangeDecl(ROOT_EXCHANGE, "topic")]
+
+
+def group_plan(group: str, message_type: str, options: QueueOptions) -> list[Declaration]:
+    """What one group's subscription declares, in order: DLQ, exchange, queue, bindings."""
     name = group_exchange(group, message_type)
     dlq = dead_letter_queue(group, message_type)
-    await transport.declare_queue(dlq, arguments=_args(dlq_arguments(options)))
-    await transport.declare_exchange(name, "fanout")
-    await transport.declare_queue(name, arguments=_args(queue_arguments(options, dlq)))
-    await transport.bind_queue(name, name)
-    await transport.bind_exchange(name, ROOT_EXCHANGE, routing_key_for(message_type))
-    await transport.bind_exchange(
-        name, ROOT_EXCHANGE, _DELAY_BITS + delayed_publish_destination(message_type)
-    )
-    return name
+    return [
+        QueueDecl(dlq, dlq_arguments(options)),
+        ExchangeDecl(name, "fanout"),
+        QueueDecl(name, queue_arguments(options, dlq)),
+        BindingDecl(name, name, "queue"),
+        BindingDecl(ROOT_EXCHANGE, name, "exchange", routing_key_for(message_type)),
+        BindingDecl(
+            ROOT_EXCHANGE, name, "exchange", _DELAY_BITS + delayed_publish_destination(message_type)
+        ),
+    ]
 
 
-def _args(args: dict[str, object]) -> Arguments:
-    return args  # type: ignore[return-value]  # values are str/int, valid header values
+def delay_plan() -> list[Declaration]:
+    """The delay levels (``delay.py``) plus the delivery exchange's route to the root."""
+    topo = delay_topology()
+    plan: list[Declaration] = [ExchangeDecl(e.name, "topic") for e in topo.exchanges]
+    plan += [QueueDecl(q.name, dict(q.arguments)) for q in topo.queues]
+    plan += [
+        BindingDecl(b.source, b.destination, b.destination_kind, b.routing_key)
+        for b in topo.bindings
+    ]
+    plan.append(BindingDecl(DELIVERY_EXCHANGE, ROOT_EXCHANGE, "exchange", DELAYED_PUBLISH_PATTERN))
+    return plan
+
+
+def retry_route_plan(queue_name: str) -> list[Declaration]:
+    """Lets delayed retries of a group reach its exchange (and only its exchange)."""
+    return [
+        BindingDecl(DELIVERY_EXCHANGE, queue_name, "exchange", destination_binding_key(queue_name))
+    ]
+
+
+async def apply(transport: Transport, plan: list[Declaration]) -> None:
+    """Declare ``plan`` in order; idempotent, ``TopologyMismatch`` on a conflict."""
+    for decl in plan:
+        if isinstance(decl, ExchangeDecl):
+            await transport.declare_exchange(decl.name, decl.type, arguments=decl.arguments)
+        elif isinstance(decl, QueueDecl):
+            await transport.declare_queue(decl.name, arguments=decl.arguments)
+        elif decl.destination_kind == "queue":
+            await transport.bind_queue(decl.destination, decl.source, decl.routing_key)
+        else:
+            await transport.bind_exchange(decl.destination, decl.source, decl.routing_key)
