@@ -17,6 +17,8 @@ from banyan_bus.errors import (
     ContractError,
     DependencyError,
     HandlerError,
+    IdempotencyKeyBusy,
+    IdempotencyStoreError,
     PayloadTooLarge,
     PluginMissing,
     PublishError,
@@ -27,6 +29,7 @@ from banyan_bus.errors import (
     Unroutable,
 )
 from banyan_bus.handlers import CommandHandler, EventHandler, QueryHandler, upcaster
+from banyan_bus.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
 from banyan_bus.retry import RetryPolicy
 
 __all__ = [
@@ -41,7 +44,11 @@ __all__ = [
     "Event",
     "EventHandler",
     "HandlerError",
+    "IdempotencyKeyBusy",
+    "IdempotencyStore",
+    "IdempotencyStoreError",
     "Logger",
+    "MemoryIdempotencyStore",
     "Message",
     "MessageBus",
     "MessageContext",
@@ -50,6 +57,7 @@ __all__ = [
     "PublishError",
     "Query",
     "QueryHandler",
+    "RedisIdempotencyStore",
     "RemoteHandlerError",
     "RequestTimeout",
     "RetryPolicy",

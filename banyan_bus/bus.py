@@ -42,9 +42,16 @@ from banyan_bus.envelope import (
 )
 from banyan_bus.errors import ConfigurationError, ContractError, HandlerError
 from banyan_bus.handlers import HandlerSpec, dispatch_table, function_handler, handler_options
+from banyan_bus.idempotency import (
+    DEFAULT_TTL,
+    Deduplicator,
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+)
 from banyan_bus.retry import RetryPolicy
 from banyan_bus.rpc import CommandConsumer, Requester, command_plan
 from banyan_bus.topology import (
+    DEFAULT_PARTITIONS,
     ROOT_EXCHANGE,
     Declaration,
     QueueOptions,
@@ -88,6 +95,10 @@ _SUBSCRIBE_OPTIONS = frozenset(
         "timeout",
         "queue_type",
         "max_length",
+        "ordered",
+        "partitions",
+        "idempotent",
+        "idempotency_key",
     }
 )
 _CLASS_OPTIONS = {
@@ -107,6 +118,10 @@ def _event_options(options: dict[str, Any]) -> dict[str, Any]:
         "timeout": _DEFAULT,
         "queue_type": None,
         "max_length": None,
+        "ordered": False,
+        "partitions": None,
+        "idempotent": False,
+        "idempotency_key": None,
     }
     merged.update(options)
     return merged
@@ -153,6 +168,8 @@ class MessageBus:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         grace_period: float = 30.0,
         providers: Sequence[Provider] = (),
+        idempotency_store: IdempotencyStore | None = None,
+        idempotency_ttl: float = DEFAULT_TTL,
         contracts: ContractRegistry | None = None,
     ) -> None:
         self.service = check_group_name(service, what="service")
@@ -169,6 +186,8 @@ class MessageBus:
             )
         self.max_message_size = max_message_size
         self.grace_period = grace_period
+        self.idempotency_store: IdempotencyStore = idempotency_store or MemoryIdempotencyStore()
+        self.idempotency_ttl = idempotency_ttl
         self.contracts = contracts or registry
         self._transport: Transport | None = None
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
@@ -266,6 +285,7 @@ class MessageBus:
         self._requester = None
         await self._close_transport()
         await self._injector.close()
+        await self.idempotency_store.close()
         self._started = False
         self._log.info("bus_stopped")
 
@@ -295,6 +315,10 @@ class MessageBus:
         timeout: float | None = _DEFAULT,
         queue_type: QueueType | None = None,
         max_length: int | None = None,
+        ordered: bool = False,
+        partitions: int | None = None,
+        idempotent: bool = False,
+        idempotency_key: Callable[[Any], str] | None = None,
     ) -> Subscription:
         """Handle ``contract`` events with ``handler`` in ``subscription_group``.
 
@@ -303,6 +327,13 @@ class MessageBus:
         group run in the order they were subscribed. ``concurrency`` bounds
         handlers running at once (default 10); ``prefetch`` bounds unacked
         deliveries (default 3 x concurrency). Callable before or after ``start``.
+
+        ``ordered=True``: events with the same partition key (``publish(...,
+        partition_key=)`` or the contract's ``partition_key=`` field) are handled
+        one at a time in publish order, across all instances; a failing one is
+        retried in place, holding its key. ``partitions`` (default 4) spreads keys
+        over that many queues. ``idempotent=True`` (or ``idempotency_key=fn``)
+        runs each handler once per event id (or key), through ``idempotency_store``.
         """
         return await self._add_handler(
             contract,
@@ -315,6 +346,10 @@ class MessageBus:
             timeout=timeout,
             queue_type=queue_type,
             max_length=max_length,
+            ordered=ordered,
+            partitions=partitions,
+            idempotent=idempotent,
+            idempotency_key=idempotency_key,
         )
 
     async def _add_handler(
@@ -330,6 +365,10 @@ class MessageBus:
         timeout: float | None,
         queue_type: QueueType | None,
         max_length: int | None,
+        ordered: bool,
+        partitions: int | None,
+        idempotent: bool,
+        idempotency_key: Callable[[Any], str] | None,
     ) -> Subscription:
         if not (isinstance(contract, type) and issubclass(contract, Event)):
             raise ContractError(
@@ -359,6 +398,32 @@ class MessageBus:
         if timeout is not None and timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
         options = QueueOptions(queue_type=queue_type or self.queue_type, max_length=max_length)
+        if partitions is not None and not ordered:
+            raise ConfigurationError("partitions= only applies with ordered=True")
+        if ordered:
+            partitions = DEFAULT_PARTITIONS if partitions is None else partitions
+            if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+                raise ConfigurationError(f"partitions must be an int >= 1, got {partitions!r}")
+        dedup: Deduplicator[Message] | None = None
+        if idempotent or idempotency_key is not None:
+            if not auto_ack:
+                raise ConfigurationError(
+                    "idempotent handlers need auto_ack=True: the bus must know whether the "
+                    "handler succeeded to mark the event done"
+                )
+            if idempotency_key is not None and not callable(idempotency_key):
+                raise ConfigurationError(
+                    f"idempotency_key must be a function of the event, got {idempotency_key!r}"
+                )
+            policy = retry or self.retry
+            attempt_s = timeout if timeout is not None else DEFAULT_HANDLER_TIMEOUT
+            dedup = Deduplicator(
+                self.idempotency_store,
+                group=group,
+                lease=attempt_s * (1 + policy.immediate) + 30,
+                ttl=self.idempotency_ttl,
+                key=idempotency_key,
+            )
         message_type = contract.__message_type__
         key = (group, message_type)
         sub = self._subscriptions.get(key)
@@ -373,6 +438,9 @@ class MessageBus:
                 retry=retry or self.retry,
                 timeout=timeout,
                 queue=options,
+                ordered=ordered,
+                partitions=partitions or 1,
+                dedup=dedup,
             )
             self._subscriptions[key] = sub
             if self._started:
@@ -386,23 +454,39 @@ class MessageBus:
                 f"group {group!r} is already consuming {message_type}; add its handlers "
                 f"before bus.start() so they run in definition order from the first message."
             )
-        if sub.queue != options or sub.auto_ack != auto_ack:
+        if (
+            sub.queue != options
+            or sub.auto_ack != auto_ack
+            or sub.ordered != ordered
+            or (ordered and sub.partitions != partitions)
+        ):
             raise ConfigurationError(
                 f"group {group!r} already subscribes to {message_type} with queue options "
-                f"{sub.queue} and auto_ack={sub.auto_ack}; handlers of one group share one "
-                f"queue, so they must agree."
+                f"{sub.queue}, auto_ack={sub.auto_ack}, ordered={sub.ordered}; handlers of "
+                f"one group share its queue, so they must agree."
             )
         sub.handlers.append(spec)
         return sub
 
     async def _declare(self, sub: Subscription) -> None:
-        if sub.retry.delayed:
+        if self._uses_delays(sub):
             await self._ensure_delays()
         await apply(self.transport, self._subscription_plan(sub))
 
+    @staticmethod
+    def _uses_delays(sub: Subscription) -> bool:
+        # Ordered subscriptions retry in place; others retry (and idempotent ones
+        # come back when their key is busy) through the delay levels.
+        return not sub.ordered and (bool(sub.retry.delayed) or sub.dedup is not None)
+
     def _subscription_plan(self, sub: Subscription) -> list[Declaration]:
-        plan = group_plan(sub.group, sub.message_type, sub.queue)
-        if sub.retry.delayed:
+        plan = group_plan(
+            sub.group,
+            sub.message_type,
+            sub.queue,
+            partitions=sub.partitions if sub.ordered else None,
+        )
+        if self._uses_delays(sub):
             plan += retry_route_plan(sub.queue_name)
         return plan
 
@@ -413,7 +497,7 @@ class MessageBus:
         """
         plan = root_plan()
         subs = list(self._subscriptions.values())
-        if any(sub.retry.delayed for sub in subs):
+        if any(self._uses_delays(sub) for sub in subs):
             plan += delay_plan()
         for sub in subs:
             plan += self._subscription_plan(sub)
@@ -576,6 +660,7 @@ class MessageBus:
         headers: Headers | None = None,
         after: int | float | str | Any | None = None,
         partition_key: str | None = None,
+        message_id: str | None = None,
     ) -> str: ...
 
     @overload
@@ -590,6 +675,7 @@ class MessageBus:
         headers: Headers | None = None,
         after: int | float | str | Any | None = None,
         partition_key: str | None = None,
+        message_id: str | None = None,
     ) -> str: ...
 
     async def publish(
@@ -603,6 +689,7 @@ class MessageBus:
         headers: Headers | None = None,
         after: int | float | str | Any | None = None,
         partition_key: str | None = None,
+        message_id: str | None = None,
     ) -> str:
         """Publish an event to every subscribed group; returns its message id.
 
@@ -612,6 +699,8 @@ class MessageBus:
         returns once the broker has stored the event on every bound queue.
         ``after`` delays delivery ("10 seconds", 1500 ms, an ISO time; at most a
         year). Publishing to a type nobody subscribes to is not an error.
+        ``message_id`` reuses an id (a re-sent event keeps its identity, so
+        idempotent handlers run once); by default a new one is made.
         """
         event = self._coerce(message, data)
         ctx = current_context()
@@ -631,6 +720,7 @@ class MessageBus:
             extra[HEADER_DELAY] = delay_ms
         outgoing = encode(
             event,
+            message_id=message_id,
             correlation_id=correlation_id,
             causation_id=causation_id,
             service_name=self.service,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ from banyan_bus.delay import delay_route
 from banyan_bus.envelope import (
     HEADER_ATTEMPT,
     HEADER_DELAY,
+    HEADER_PARTITION_KEY,
     PRIORITY_LEVELS,
     DecodeError,
     Envelope,
@@ -42,8 +44,9 @@ from banyan_bus.envelope import (
 )
 from banyan_bus.errors import BanyanError
 from banyan_bus.handlers import HandlerSpec
-from banyan_bus.retry import RetryPolicy
-from banyan_bus.topology import QueueOptions, dead_letter_queue, group_exchange
+from banyan_bus.idempotency import Deduplicator, IdempotencyKeyBusy, IdempotencyStoreError
+from banyan_bus.retry import RetryDecision, RetryPolicy
+from banyan_bus.topology import QueueOptions, dead_letter_queue, group_exchange, partition_queue
 from banyan_bus.transport.base import (
     DEFAULT_EXCHANGE,
     Consumer,
@@ -86,10 +89,21 @@ class Subscription:
     retry: RetryPolicy
     timeout: float | None
     queue: QueueOptions = field(default_factory=QueueOptions)
+    ordered: bool = False
+    partitions: int = 1
+    dedup: Deduplicator[Message] | None = None
 
     @property
     def queue_name(self) -> str:
+        """The group's exchange, and its queue when the subscription is not ordered."""
         return group_exchange(self.group, self.message_type)
+
+    @property
+    def queue_names(self) -> list[str]:
+        """Every queue this subscription consumes: one, or one per partition."""
+        if self.ordered:
+            return [partition_queue(self.queue_name, i) for i in range(self.partitions)]
+        return [self.queue_name]
 
     @property
     def dlq_name(self) -> str:
@@ -97,13 +111,20 @@ class Subscription:
 
 
 class _Failure(Exception):
-    """A handler attempt failed; carries what the DLQ record needs."""
+    """A handler attempt failed for good here; carries the decision and the DLQ details."""
 
-    def __init__(self, reason: str, handler: str, exc: BaseException) -> None:
+    def __init__(
+        self, reason: str, handler: str, exc: BaseException, decision: RetryDecision
+    ) -> None:
         super().__init__(str(exc))
         self.reason = reason
         self.handler = handler
         self.exc = exc
+        self.decision = decision
+
+
+#: How long a duplicate waits when another worker holds its idempotency claim.
+BUSY_RETRY_DELAY_S = 5.0
 
 
 class SubscriptionConsumer:
@@ -122,24 +143,29 @@ class SubscriptionConsumer:
         self._registry = registry
         self._ensure_delays = ensure_delays
         self._semaphore = asyncio.Semaphore(subscription.concurrency)
-        self._consumer: Consumer | None = None
+        self._consumers: list[Consumer] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # Ordered subscriptions: deliveries waiting behind a running one of the same key.
+        self._chains: dict[str, deque[Delivery]] = {}
         self._warned_priority = False
         self._log = log.bind(group=subscription.group, message_type=subscription.message_type)
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._consumer = await self._transport.consume(
-            self.subscription.queue_name, self._on_delivery, prefetch=self.subscription.prefetch
-        )
+        sub = self.subscription
+        if sub.ordered:
+            self._transport.on_connection_lost(self._connection_lost)
+        callback = self._on_ordered_delivery if sub.ordered else self._on_delivery
+        for queue in sub.queue_names:
+            self._consumers.append(
+                await self._transport.consume(queue, callback, prefetch=sub.prefetch)
+            )
 
     async def stop_consuming(self) -> None:
         """Stop taking new messages; in-flight handlers go on."""
-        if self._consumer is not None:
-            consumer, self._consumer = self._consumer, None
+        consumers, self._consumers = self._consumers, []
+        for consumer in consumers:
             await consumer.cancel()
 
     @property
@@ -175,9 +201,11 @@ class SubscriptionConsumer:
             self._tasks.add(task)
         try:
             async with self._semaphore:
+                if delivery.stale:
+                    return  # its connection is gone; the broker redelivers it elsewhere
                 await self._handle(delivery)
         except asyncio.CancelledError:
-            if not delivery.settled:
+            if not delivery.settled and not delivery.stale:
                 await self._safe(delivery.nack(requeue=True), delivery)
             raise
         except Exception:  # a bug in the engine itself: never lose the message
@@ -187,6 +215,38 @@ class SubscriptionConsumer:
         finally:
             if task is not None:
                 self._tasks.discard(task)
+
+    def _connection_lost(self) -> None:
+        """The broker hands our unacked messages to another instance now: stop
+        handling them here, or a key's next event could run there before this
+        one finished here."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _on_ordered_delivery(self, delivery: Delivery) -> None:
+        """Per key, one at a time, in delivery order; other keys run concurrently.
+
+        The transport starts one task per delivery, in delivery order, and this
+        code runs synchronously up to the first ``await``: a delivery whose key
+        is busy joins that key's chain before any later delivery can overtake it.
+        """
+        key = str(delivery.headers.get(HEADER_PARTITION_KEY, ""))
+        chain = self._chains.get(key)
+        if chain is not None:
+            chain.append(delivery)
+            return
+        chain = self._chains[key] = deque()
+        try:
+            current: Delivery | None = delivery
+            while current is not None:
+                if not current.stale:
+                    await self._on_delivery(current)
+                current = chain.popleft() if chain else None
+        finally:
+            del self._chains[key]
+            for waiting in chain:  # cancelled at shutdown: back to the queue, in order
+                if not waiting.stale:
+                    await self._safe(waiting.nack(requeue=True), waiting)
 
     async def _handle(self, delivery: Delivery) -> None:
         sub = self.subscription
@@ -244,11 +304,16 @@ class SubscriptionConsumer:
     ) -> None:
         done_before = delivery.headers.get(HEADER_HANDLED)
         done: list[str] = [str(n) for n in done_before] if isinstance(done_before, list) else []
+        dedup = self.subscription.dedup
         for handler in handlers:
             if handler.name in done:
                 continue
             try:
-                await self._attempt(handler, envelope.payload, ctx)
+                if dedup is None:
+                    await self._attempt(handler, envelope.payload, ctx)
+                elif not await self._attempt_once(dedup, handler, envelope, ctx):
+                    await self._come_back_later(delivery, ctx, handler.name, done)
+                    return
             except _Failure as failure:
                 if delivery.settled:  # manual mode: the handler settled, then raised
                     self._log.error(
@@ -272,8 +337,14 @@ class SubscriptionConsumer:
             await self._safe(delivery.ack(), delivery)
 
     async def _attempt(self, handler: HandlerSpec, payload: Message, ctx: MessageContext) -> None:
-        """Run one handler, with the policy's immediate retries, or raise ``_Failure``."""
+        """Run one handler with the retries that happen here, or raise ``_Failure``.
+
+        Immediate retries run here. An ordered subscription also waits out its
+        delayed retries here, holding the message, so that its key's later
+        messages cannot overtake it.
+        """
         policy = self.subscription.retry
+        ordered = self.subscription.ordered
         while True:
             ctx.handler = handler.name
             try:
@@ -291,24 +362,28 @@ class SubscriptionConsumer:
             except Exception as exc:
                 error = exc
                 reason = "handler-failed"
-            if ctx.settled:
-                raise _Failure(reason, handler.name, error)
             decision = policy.decide(ctx.attempt, error)
-            if decision.action != "retry_now":
-                raise _Failure(reason, handler.name, error)
+            in_place = decision.action == "retry_now" or (
+                ordered and decision.action == "retry_later"
+            )
+            if ctx.settled or not in_place:
+                raise _Failure(reason, handler.name, error, decision)
             self._log.info(
-                "retrying_now",
+                "retrying_in_place",
                 handler=handler.name,
                 message_id=ctx.id,
                 attempt=ctx.attempt,
+                delay_s=round(decision.delay_s, 3),
                 error=repr(error),
             )
+            if decision.delay_s:
+                await asyncio.sleep(decision.delay_s)
             ctx.attempt += 1
 
     async def _after_failure(
         self, delivery: Delivery, ctx: MessageContext, failure: _Failure, done: list[str]
     ) -> None:
-        decision = self.subscription.retry.decide(ctx.attempt, failure.exc)
+        decision = failure.decision
         if decision.action == "retry_later":
             try:
                 await self._retry_later(delivery, ctx, decision.delay_s, done)
@@ -328,6 +403,47 @@ class SubscriptionConsumer:
         await self._dead_letter(
             delivery, failure.reason, handler=failure.handler, exc=failure.exc, attempt=ctx.attempt
         )
+
+    async def _attempt_once(
+        self,
+        dedup: Deduplicator[Message],
+        handler: HandlerSpec,
+        envelope: Envelope,
+        ctx: MessageContext,
+    ) -> bool:
+        """``_attempt`` under an idempotency claim; False if it must come back later.
+
+        A key another worker is running (or a store that is down) is not a failed
+        attempt. An ordered subscription waits for it in place, to keep its key's
+        order; any other sends the message around again later.
+        """
+        while True:
+            try:
+                async with dedup.guard(handler.name, envelope.id, envelope.payload) as outcome:
+                    if outcome == "run":
+                        await self._attempt(handler, envelope.payload, ctx)
+                    else:
+                        self._log.info("duplicate_skipped", handler=handler.name, message_id=ctx.id)
+                return True
+            except (IdempotencyKeyBusy, IdempotencyStoreError) as exc:
+                self._log.info(
+                    "idempotency_busy", handler=handler.name, message_id=ctx.id, error=str(exc)
+                )
+                if not self.subscription.ordered:
+                    return False
+                await asyncio.sleep(BUSY_RETRY_DELAY_S)
+
+    async def _come_back_later(
+        self, delivery: Delivery, ctx: MessageContext, handler: str, done: list[str]
+    ) -> None:
+        ctx.attempt -= 1  # not a failed attempt; _retry_later counts one up
+        try:
+            await self._retry_later(delivery, ctx, BUSY_RETRY_DELAY_S, done)
+        except BanyanError as publish_error:
+            self._log.error("retry_publish_failed", message_id=ctx.id, error=str(publish_error))
+            await self._safe(delivery.nack(requeue=True), delivery)
+            return
+        await self._safe(delivery.ack(), delivery)
 
     async def _retry_later(
         self, delivery: Delivery, ctx: MessageContext, delay_s: float, done: list[str]

@@ -19,7 +19,9 @@ at the edge, chaining the original with ``raise ... from exc``.
     ├── HandlerError              a handler cannot be registered or built
     │   └── DependencyError       a handler dependency cannot be resolved
     ├── RequestTimeout            a command/query got no answer in time
-    └── RemoteHandlerError        the remote command/query handler raised
+    ├── RemoteHandlerError        the remote command/query handler raised
+    ├── IdempotencyStoreError     the idempotency store (Redis) did not answer
+    └── IdempotencyKeyBusy        another worker is handling this message right now
 """
 
 from __future__ import annotations
@@ -149,3 +151,29 @@ class RemoteHandlerError(BanyanError):
         self.error_type = error_type
         self.error_message = error_message
         super().__init__(f"{message_type} handler raised {error_type}: {error_message}")
+
+
+class IdempotencyStoreError(BanyanError):
+    """The idempotency store did not answer (Redis down, timed out, refused the command).
+
+    Raised by a store operation, never for "busy" or "done". The engine treats it
+    as a failed attempt and retries later: running the handler without the store
+    would break the effectively-once promise. Check that the store (its URL is in
+    the message, without the password) is up.
+    """
+
+
+class IdempotencyKeyBusy(BanyanError):
+    """Another worker holds an unexpired claim on this key: a duplicate is running now.
+
+    Raised by :func:`guard` instead of running the handler. The caller should
+    try the message again later (not drop it: the other worker may still fail
+    and release its claim, or die and let its lease expire).
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"idempotency key {key!r} is claimed by another worker that is handling the same "
+            f"message right now; try again later"
+        )

@@ -52,7 +52,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
-from banyan_bus.errors import BanyanError, ConfigurationError, HandlerError
+from banyan_bus.errors import (
+    ConfigurationError,
+    HandlerError,
+    IdempotencyKeyBusy,
+    IdempotencyStoreError,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -91,35 +96,6 @@ DEFAULT_TTL = 24 * 3600.0
 _DONE = "done"  # the value of a completed key; tokens are uuid hex, so never equal to it
 
 E = TypeVar("E")
-
-
-# -- errors (to move to banyan_bus/errors.py) ---------------------------------------------
-
-
-class IdempotencyStoreError(BanyanError):
-    """The idempotency store did not answer (Redis down, timed out, refused the command).
-
-    Raised by a store operation, never for "busy" or "done". The engine treats it
-    as a failed attempt and retries later: running the handler without the store
-    would break the effectively-once promise. Check that the store (its URL is in
-    the message, without the password) is up.
-    """
-
-
-class IdempotencyKeyBusy(BanyanError):
-    """Another worker holds an unexpired claim on this key: a duplicate is running now.
-
-    Raised by :func:`guard` instead of running the handler. The caller should
-    try the message again later (not drop it: the other worker may still fail
-    and release its claim, or die and let its lease expire).
-    """
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        super().__init__(
-            f"idempotency key {key!r} is claimed by another worker that is handling the same "
-            f"message right now; try again later"
-        )
 
 
 # -- the plug-in point ----------------------------------------------------------------------

@@ -76,6 +76,16 @@ _DELAY_BITS = "*." * (MAX_LEVEL + 1)
 DELAYED_PUBLISH_PATTERN = f"{_DELAY_BITS}{ROOT_EXCHANGE}.*"
 
 
+def partition_queue(group_exchange_name: str, index: int) -> str:
+    """``exchange.platform.events.{group}.{event}.p{index}``: one queue per partition."""
+    return f"{group_exchange_name}.p{index}"
+
+
+#: The header the consistent-hash exchange of an ordered group hashes on.
+PARTITION_HEADER = "x-partition-key"
+DEFAULT_PARTITIONS = 4
+
+
 def command_queue(message_type: str) -> str:
     return f"{COMMANDS_EXCHANGE}.{routing_key_for(message_type)}"
 
@@ -157,20 +167,35 @@ def root_plan() -> list[Declaration]:
     return [ExchangeDecl(ROOT_EXCHANGE, "topic")]
 
 
-def group_plan(group: str, message_type: str, options: QueueOptions) -> list[Declaration]:
-    """What one group's subscription declares, in order: DLQ, exchange, queue, bindings."""
+def group_plan(
+    group: str, message_type: str, options: QueueOptions, *, partitions: int | None = None
+) -> list[Declaration]:
+    """What one group's subscription declares, in order: DLQ, exchange, queue(s), bindings.
+
+    Ordered (``partitions`` given): the group's exchange is an ``x-consistent-hash``
+    exchange hashing ``x-partition-key`` over that many queues, each with a single
+    active consumer, so one key always lands on one queue read by one consumer.
+    """
     name = group_exchange(group, message_type)
     dlq = dead_letter_queue(group, message_type)
-    return [
-        QueueDecl(dlq, dlq_arguments(options)),
-        ExchangeDecl(name, "fanout"),
-        QueueDecl(name, queue_arguments(options, dlq)),
-        BindingDecl(name, name, "queue"),
-        BindingDecl(ROOT_EXCHANGE, name, "exchange", routing_key_for(message_type)),
-        BindingDecl(
-            ROOT_EXCHANGE, name, "exchange", _DELAY_BITS + delayed_publish_destination(message_type)
-        ),
-    ]
+    plan: list[Declaration] = [QueueDecl(dlq, dlq_arguments(options))]
+    if partitions is None:
+        plan += [
+            ExchangeDecl(name, "fanout"),
+            QueueDecl(name, queue_arguments(options, dlq)),
+            BindingDecl(name, name, "queue"),
+        ]
+    else:
+        plan.append(ExchangeDecl(name, "x-consistent-hash", {"hash-header": PARTITION_HEADER}))
+        for index in range(partitions):
+            queue = partition_queue(name, index)
+            arguments = queue_arguments(options, dlq)
+            arguments["x-single-active-consumer"] = True
+            plan += [QueueDecl(queue, arguments), BindingDecl(name, queue, "queue", "1")]
+    delayed_key = _DELAY_BITS + delayed_publish_destination(message_type)
+    plan.append(BindingDecl(ROOT_EXCHANGE, name, "exchange", routing_key_for(message_type)))
+    plan.append(BindingDecl(ROOT_EXCHANGE, name, "exchange", delayed_key))
+    return plan
 
 
 def delay_plan() -> list[Declaration]:

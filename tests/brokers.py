@@ -27,7 +27,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:15672"
-HTTP_TIMEOUT = 10.0
+HTTP_TIMEOUT = 30.0  # vhost creation is slow on a loaded 2-core machine
 
 __all__ = [
     "DEFAULT_AMQP_URL",

@@ -95,6 +95,10 @@ class AmqpDelivery(Delivery):
     def settled(self) -> bool:
         return self._settled
 
+    @property
+    def stale(self) -> bool:
+        return bool(self._message.channel.is_closed)
+
     def _settle(self, action: str) -> None:
         if self._settled:
             raise RuntimeError(f"cannot {action} message {self.message_id!r}: already settled")
@@ -173,6 +177,9 @@ class AmqpTransport(Transport):
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await connection.close()
+
+    def on_connection_lost(self, callback: Callable[[], None]) -> None:
+        self._conn().close_callbacks.add(lambda *_: callback())
 
     def _conn(self) -> AbstractRobustConnection:
         if self._connection is None:

@@ -115,6 +115,12 @@ class Delivery(ABC):
     def settled(self) -> bool:
         """True once ack, nack or reject was called."""
 
+    @property
+    def stale(self) -> bool:
+        """True once the connection it came on is gone: the broker has already
+        requeued it for another consumer, so it must not be handled here."""
+        return False
+
 
 DeliveryCallback: TypeAlias = Callable[[Delivery], Awaitable[None]]
 
@@ -152,6 +158,13 @@ class Transport(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Close the connection. Unacked deliveries go back to their queues."""
+
+    @abstractmethod
+    def on_connection_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever the connection closes or is lost (every time).
+
+        Deliveries in flight at that moment are stale: the broker requeues them.
+        """
 
     @abstractmethod
     async def declare_exchange(

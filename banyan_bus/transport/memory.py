@@ -621,6 +621,10 @@ class MemoryDelivery(Delivery):
     def settled(self) -> bool:
         return self._settled
 
+    @property
+    def stale(self) -> bool:
+        return self._connection.closed
+
     def _settle(self) -> _Queue:
         if self._settled:
             raise RuntimeError(f"delivery {self.message_id!r} is already settled")
@@ -697,6 +701,7 @@ class _Connection:
         self.unacked: dict[MemoryDelivery, None] = {}  # insertion order = delivery order
         self.consumers: set[_MemoryConsumer] = set()
         self.reply_addresses: list[str] = []
+        self.lost_callbacks: list[Callable[[], None]] = []
 
     def close(self) -> None:
         if self.closed:
@@ -710,6 +715,8 @@ class _Connection:
         returned, self.unacked = list(self.unacked), {}
         for delivery in returned:
             delivery.return_to_queue()
+        for callback in self.lost_callbacks:
+            callback()
 
 
 class MemoryBroker:
@@ -859,6 +866,9 @@ class MemoryTransport(Transport):
     async def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
+
+    def on_connection_lost(self, callback: Callable[[], None]) -> None:
+        self._open().lost_callbacks.append(callback)
 
     async def declare_exchange(
         self,
