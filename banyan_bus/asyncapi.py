@@ -36,7 +36,12 @@ from pydantic.json_schema import models_json_schema
 
 from banyan_bus.contracts import Event, Message, routing_key_for
 from banyan_bus.envelope import CONTENT_TYPE, HEADER_PARTITION_KEY, HEADER_VERSION, EnvelopeHeader
-from banyan_bus.topology import COMMANDS_EXCHANGE, ROOT_EXCHANGE, command_queue, group_exchange
+from banyan_bus.topology import (
+    COMMANDS_EXCHANGE,
+    ROOT_EXCHANGE,
+    command_queue,
+    dead_letter_queue,
+)
 
 if TYPE_CHECKING:
     from banyan_bus.bus import MessageBus
@@ -56,8 +61,12 @@ class SubscriptionInfo:
 
     group: str
     message_type: str
-    queue: str
+    #: The group's exchange (``exchange.platform.events.{group}.{event}``).
+    exchange: str
+    #: The queues it consumes: the exchange's namesake, or one per partition if ordered.
+    queues: tuple[str, ...]
     versions: tuple[int, ...]
+    ordered: bool
 
 
 def subscriptions_of(bus: MessageBus) -> list[SubscriptionInfo]:
@@ -69,8 +78,10 @@ def subscriptions_of(bus: MessageBus) -> list[SubscriptionInfo]:
         SubscriptionInfo(
             group=sub.group,
             message_type=sub.message_type,
-            queue=sub.queue_name,
+            exchange=sub.queue_name,
+            queues=tuple(sub.queue_names),
             versions=tuple(sorted({v for h in sub.handlers for v in h.versions})),
+            ordered=sub.ordered,
         )
         for sub in subs
     ]
@@ -315,26 +326,42 @@ def asyncapi_document(
     for sub in subs:
         channel = f"queues.{sub.group}.{sub.message_type}"
         served = [registry.versions(sub.message_type)[v] for v in sub.versions]
-        channels[channel] = {
-            "address": sub.queue,
-            "title": f"{sub.message_type} for group {sub.group}",
-            "description": f"The queue of subscription group {sub.group!r}: its instances "
-            f"share the work. Failures end in dlq.{group_exchange(sub.group, sub.message_type)}.",
-            "messages": channel_messages(served),
-            "bindings": {
-                "amqp": {
-                    "is": "queue",
-                    "queue": {
-                        "name": sub.queue,
-                        "durable": True,
-                        "exclusive": False,
-                        "autoDelete": False,
-                        "vhost": vhost,
-                    },
-                    "bindingVersion": AMQP_BINDING_VERSION,
-                }
-            },
-        }
+        dlq = dead_letter_queue(sub.group, sub.message_type)
+        if sub.ordered:
+            # AsyncAPI's AMQP binding knows no x-consistent-hash exchange: the channel is
+            # the group's exchange, and the partition queues are listed in an extension.
+            channels[channel] = {
+                "address": sub.exchange,
+                "title": f"{sub.message_type} for group {sub.group}, ordered",
+                "description": f"Ordered subscription of group {sub.group!r}: an "
+                f"x-consistent-hash exchange spreads partition keys over "
+                f"{len(sub.queues)} queues with a single active consumer each, so events "
+                f"of one key are handled one at a time, in publish order. Failures end "
+                f"in {dlq}.",
+                "messages": channel_messages(served),
+                "x-partition-queues": list(sub.queues),
+            }
+        else:
+            channels[channel] = {
+                "address": sub.queues[0],
+                "title": f"{sub.message_type} for group {sub.group}",
+                "description": f"The queue of subscription group {sub.group!r}: its "
+                f"instances share the work. Failures end in {dlq}.",
+                "messages": channel_messages(served),
+                "bindings": {
+                    "amqp": {
+                        "is": "queue",
+                        "queue": {
+                            "name": sub.queues[0],
+                            "durable": True,
+                            "exclusive": False,
+                            "autoDelete": False,
+                            "vhost": vhost,
+                        },
+                        "bindingVersion": AMQP_BINDING_VERSION,
+                    }
+                },
+            }
         operations[f"receive.{sub.group}.{sub.message_type}"] = {
             "action": "receive",
             "channel": {"$ref": f"#/channels/{channel}"},

@@ -43,7 +43,7 @@ class PaymentsProvider(Provider):
     gateway = provide(FakeGateway, provides=PaymentGateway, scope=Scope.APP)
 
 
-@EventHandler(OrderPlaced)
+@EventHandler(OrderPlaced, ordered=True)
 class ChargeOrder:
     def __init__(self, gateway: PaymentGateway, bus: MessageBus, log: Logger) -> None:
         self.gateway = gateway

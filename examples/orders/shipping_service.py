@@ -1,10 +1,14 @@
 """shipping-service: ships an order once it is paid, and announces ``OrderShipped``.
 
 ``ShipOrder`` handles ``OrderPlaced`` but may only ship a paid order. It does
-not poll or sleep: it raises ``OrderNotPaidYet``, and the retry policy brings
-the event back a second later, until ``RecordPayment`` has seen the payment.
-An order that is never paid ends in the dead-letter queue after the last try,
-with the reason, for an operator to look at.
+not poll: it raises ``OrderNotPaidYet``, and the retry policy tries again a
+second later, until ``RecordPayment`` has seen the payment. An order that is
+never paid ends in the dead-letter queue after the last try, with the reason,
+for an operator to look at.
+
+Both subscriptions are ordered by order id (the contracts' partition key): a
+retry waits in place, holding its order's key, so a later event of the same
+order cannot overtake it, while other orders go on.
 
 The paid-orders ledger is in memory here; with several instances it must be
 shared (a database table), or an instance might wait for a payment that
@@ -46,7 +50,7 @@ class ShippingProvider(Provider):
     ledger = provide(PaidOrders, scope=Scope.APP)
 
 
-@EventHandler(PaymentProcessed)
+@EventHandler(PaymentProcessed, ordered=True)
 class RecordPayment:
     def __init__(self, ledger: PaidOrders, log: Logger) -> None:
         self.ledger = ledger
@@ -58,7 +62,7 @@ class RecordPayment:
             self.log.info("payment_recorded", order_id=event.order_id)
 
 
-@EventHandler(OrderPlaced, retry=WAIT_FOR_PAYMENT)
+@EventHandler(OrderPlaced, ordered=True, retry=WAIT_FOR_PAYMENT)
 class ShipOrder:
     def __init__(self, ledger: PaidOrders, bus: MessageBus, log: Logger) -> None:
         self.ledger = ledger

@@ -138,7 +138,11 @@ def test_every_example_service_documents_as_valid_asyncapi_3(module: str) -> Non
         operation = document["operations"][f"receive.{sub.group}.{sub.message_type}"]
         assert operation["action"] == "receive"
         channel = document["channels"][f"queues.{sub.group}.{sub.message_type}"]
-        assert channel["address"] == sub.queue
+        if sub.ordered:
+            assert channel["address"] == sub.exchange
+            assert channel["x-partition-queues"] == list(sub.queues)
+        else:
+            assert channel["address"] == sub.queues[0] == sub.exchange
 
 
 async def test_versions_nested_models_commands_and_queries() -> None:
