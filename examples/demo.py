@@ -33,6 +33,10 @@ _CONTEXT_KEYS = frozenset(
         "message_type",
         "attempt",
         "logger",
+        "version",
+        "causation_id",
+        "trace_id",
+        "span_id",
     }
 )
 
@@ -45,7 +49,14 @@ def line(who: str, what: str, **details: Any) -> str:
 
 def _render(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
     who = str(event_dict.get("group") or event_dict.get("service") or "banyan_bus")
-    details = {k: v for k, v in event_dict.items() if k not in _CONTEXT_KEYS}
+    # What the framework binds for every message (trace ids, versions ...) is context,
+    # not the action: show only what the handler said.
+    bound = set(structlog.contextvars.get_contextvars())
+    details = {
+        k: v
+        for k, v in event_dict.items()
+        if k not in _CONTEXT_KEYS and k not in bound and v is not None
+    }
     return line(who, str(event_dict.get("event", "")), **details)
 
 
