@@ -18,6 +18,7 @@ from typing import Any, Self, TypeVar, overload
 
 import structlog
 from dishka import Provider
+from opentelemetry.trace import SpanKind
 
 from banyan_bus.consume import Subscription, SubscriptionConsumer, make_context
 from banyan_bus.context import MessageContext, current_context
@@ -50,7 +51,16 @@ from banyan_bus.idempotency import (
 )
 from banyan_bus.retry import RetryPolicy
 from banyan_bus.rpc import CommandConsumer, Requester, command_plan
+from banyan_bus.telemetry import (
+    BODY_SIZE,
+    CONVERSATION_ID,
+    MESSAGE_ID,
+    MESSAGE_TYPE,
+    Telemetry,
+    fail,
+)
 from banyan_bus.topology import (
+    COMMANDS_EXCHANGE,
     DEFAULT_PARTITIONS,
     ROOT_EXCHANGE,
     Declaration,
@@ -195,6 +205,7 @@ class MessageBus:
         self._delays_declared = False
         self._delay_lock = asyncio.Lock()
         self._injector = Injector(providers, self)
+        self._telemetry = Telemetry(self.service, "memory")
         self._commands: dict[str, tuple[HandlerSpec, dict[str, Any]]] = {}
         self._command_consumers: list[CommandConsumer] = []
         self._requester: Requester | None = None
@@ -241,6 +252,9 @@ class MessageBus:
         if self._injector.needed:
             self._injector.build()  # fails here, before connecting, on a missing dependency
         transport = make_transport(self.url, name=self.service)
+        self._telemetry = Telemetry(
+            self.service, "memory" if self.url.startswith("memory") else "rabbitmq"
+        )
         await transport.connect()
         self._transport = transport
         self._requester = Requester(transport)
@@ -511,6 +525,8 @@ class MessageBus:
             transport=self.transport,
             registry=self.contracts,
             ensure_delays=self._ensure_delays,
+            telemetry=self._telemetry,
+            service=self.service,
         )
         await consumer.start()
         self._consumers.append(consumer)
@@ -601,6 +617,7 @@ class MessageBus:
             concurrency=int(options.get("concurrency", DEFAULT_CONCURRENCY)),
             timeout=options.get("timeout", self.handler_timeout),
             context_factory=context,
+            telemetry=self._telemetry,
         )
         await consumer.start()
         self._command_consumers.append(consumer)
@@ -633,18 +650,34 @@ class MessageBus:
         if requester is None:
             raise RuntimeError(f"{self!r} is not started: use `async with bus:` first")
         ctx = current_context()
-        outgoing = encode(
-            message,
-            service_name=self.service,
-            correlation_id=ctx.correlation_id if ctx else None,
-            causation_id=ctx.id if ctx else None,
-            max_size=self.max_message_size,
-        )
-        return await requester.request(
-            outgoing,
-            timeout=timeout,
-            result_type=result_type or type(message).__result_type__,
-        )
+        message_type = type(message).__message_type__
+        headers: Headers = {}
+        with self._telemetry.publish_span(
+            message_type=message_type,
+            exchange=COMMANDS_EXCHANGE,
+            routing_key=routing_key_for(message_type),
+            headers=headers,
+            kind=SpanKind.CLIENT,
+            operation="send",
+        ) as span:
+            outgoing = encode(
+                message,
+                service_name=self.service,
+                correlation_id=ctx.correlation_id if ctx else None,
+                causation_id=ctx.id if ctx else None,
+                headers=headers,
+                trace_context=Telemetry.trace_context(span),
+                max_size=self.max_message_size,
+            )
+            try:
+                return await requester.request(
+                    outgoing,
+                    timeout=timeout,
+                    result_type=result_type or type(message).__result_type__,
+                )
+            except Exception as exc:
+                fail(span, exc)
+                raise
 
     # -- publish --------------------------------------------------------------------
 
@@ -718,16 +751,6 @@ class MessageBus:
             extra[HEADER_PARTITION_KEY] = key
         if delay_ms is not None:
             extra[HEADER_DELAY] = delay_ms
-        outgoing = encode(
-            event,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-            service_name=self.service,
-            priority=priority,
-            headers=extra,
-            max_size=self.max_message_size,
-        )
         transport = self.transport
         message_type = type(event).__message_type__
         if delay_ms is None:
@@ -736,7 +759,34 @@ class MessageBus:
             await self._ensure_delays()
             route = delay_route(delay_ms, delayed_publish_destination(message_type))
             exchange, routing_key = route.exchange, route.routing_key
-        await transport.publish(exchange, routing_key, outgoing, confirm=wait_for_confirmation)
+        telemetry = self._telemetry
+        with telemetry.publish_span(
+            message_type=message_type, exchange=exchange, routing_key=routing_key, headers=extra
+        ) as span:
+            outgoing = encode(
+                event,
+                message_id=message_id,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+                service_name=self.service,
+                priority=priority,
+                headers=extra,
+                trace_context=Telemetry.trace_context(span),
+                max_size=self.max_message_size,
+            )
+            if span is not None:
+                span.set_attribute(MESSAGE_ID, outgoing.message_id or "")
+                span.set_attribute(CONVERSATION_ID, outgoing.correlation_id or "")
+                span.set_attribute(BODY_SIZE, len(outgoing.body))
+            try:
+                await transport.publish(
+                    exchange, routing_key, outgoing, confirm=wait_for_confirmation
+                )
+            except Exception as exc:
+                fail(span, exc)
+                raise
+        if telemetry.enabled:
+            telemetry.published.add(1, {MESSAGE_TYPE: message_type})
         return outgoing.message_id or ""
 
     def _coerce(self, message: Message | type[Message], data: dict[str, Any] | None) -> Message:

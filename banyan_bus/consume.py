@@ -20,6 +20,7 @@ that failed and those after it.
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -29,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from banyan_bus.context import MessageContext, _current
+from banyan_bus.context import MessageContext, _current, current_context
 from banyan_bus.contracts import ContractRegistry, Message
 from banyan_bus.delay import delay_route
 from banyan_bus.envelope import (
@@ -46,6 +47,7 @@ from banyan_bus.errors import BanyanError
 from banyan_bus.handlers import HandlerSpec
 from banyan_bus.idempotency import Deduplicator, IdempotencyKeyBusy, IdempotencyStoreError
 from banyan_bus.retry import RetryDecision, RetryPolicy
+from banyan_bus.telemetry import CONSUMER_GROUP, MESSAGE_TYPE, Telemetry, fail, span_ids
 from banyan_bus.topology import QueueOptions, dead_letter_queue, group_exchange, partition_queue
 from banyan_bus.transport.base import (
     DEFAULT_EXCHANGE,
@@ -137,8 +139,13 @@ class SubscriptionConsumer:
         transport: Transport,
         registry: ContractRegistry,
         ensure_delays: Callable[[], Coroutine[Any, Any, None]],
+        telemetry: Telemetry,
+        service: str,
     ) -> None:
         self.subscription = subscription
+        self._telemetry = telemetry
+        self._service = service
+        self._labels = {MESSAGE_TYPE: subscription.message_type, CONSUMER_GROUP: subscription.group}
         self._transport = transport
         self._registry = registry
         self._ensure_delays = ensure_delays
@@ -286,8 +293,38 @@ class SubscriptionConsumer:
             )
         ctx = self._context(envelope, delivery)
         token = _current.set(ctx)
+        telemetry = self._telemetry
         try:
-            await self._run_handlers(delivery, envelope, ctx, handlers)
+            with telemetry.process_span(
+                message_type=envelope.message_type,
+                version=envelope.version,
+                message_id=envelope.id,
+                correlation_id=envelope.correlation_id,
+                group=sub.group,
+                destination=delivery.exchange or sub.queue_name,
+                headers=delivery.headers,
+                envelope_trace=envelope.trace_context,
+                body_size=len(delivery.body),
+            ) as span:
+                ctx._span = span
+                trace_id, span_id = span_ids(span)
+                if trace_id is None and envelope.trace_context is not None:
+                    trace_id = envelope.trace_context.trace_id
+                with structlog.contextvars.bound_contextvars(
+                    event_id=envelope.id,
+                    message_type=envelope.message_type,
+                    version=envelope.version,
+                    correlation_id=envelope.correlation_id,
+                    causation_id=envelope.causation_id,
+                    trace_id=trace_id,
+                    span_id=span_id,
+                    service=self._service,
+                    group=sub.group,
+                ):
+                    await self._run_handlers(delivery, envelope, ctx, handlers)
+            if telemetry.enabled:
+                latency = (datetime.now(UTC) - envelope.timestamp).total_seconds()
+                telemetry.latency.record(max(latency, 0.0), self._labels)
         finally:
             _current.reset(token)
 
@@ -345,29 +382,52 @@ class SubscriptionConsumer:
         """
         policy = self.subscription.retry
         ordered = self.subscription.ordered
+        telemetry = self._telemetry
+        labels = {**self._labels, "banyan.handler": handler.name}
         while True:
             ctx.handler = handler.name
+            started = time.perf_counter()
+            if telemetry.enabled:
+                telemetry.in_flight.add(1, labels)
+            deadline = asyncio.timeout(self.subscription.timeout)
             try:
-                async with asyncio.timeout(self.subscription.timeout):
-                    await handler.invoke(payload, ctx)
+                with structlog.contextvars.bound_contextvars(
+                    handler=handler.name, attempt=ctx.attempt
+                ):
+                    async with deadline:
+                        await handler.invoke(payload, ctx)
+                if telemetry.enabled:
+                    telemetry.handled.add(1, labels)
                 return
             except TimeoutError as exc:
                 error: BaseException = exc
-                reason = "timeout"
-                if not str(exc):
+                reason = "handler-failed"
+                if deadline.expired():  # ours, not a TimeoutError the handler raised
+                    reason = "timeout"
                     error = TimeoutError(
                         f"handler {handler.name} ran past its timeout of "
                         f"{self.subscription.timeout} s"
                     )
+                    error.__cause__ = exc
+                    error.__traceback__ = exc.__traceback__
             except Exception as exc:
                 error = exc
                 reason = "handler-failed"
+            finally:
+                if telemetry.enabled:
+                    telemetry.in_flight.add(-1, labels)
+                    telemetry.duration.record(time.perf_counter() - started, labels)
+            if telemetry.enabled:
+                telemetry.failed.add(1, labels)
             decision = policy.decide(ctx.attempt, error)
             in_place = decision.action == "retry_now" or (
                 ordered and decision.action == "retry_later"
             )
             if ctx.settled or not in_place:
                 raise _Failure(reason, handler.name, error, decision)
+            fail(ctx._span, error, event="retry", attempt=ctx.attempt, delay_s=decision.delay_s)
+            if telemetry.enabled:
+                telemetry.retried.add(1, labels)
             self._log.info(
                 "retrying_in_place",
                 handler=handler.name,
@@ -390,6 +450,16 @@ class SubscriptionConsumer:
             except BanyanError as exc:
                 self._log.error("retry_publish_failed", message_id=ctx.id, error=str(exc))
             else:
+                fail(
+                    ctx._span,
+                    failure.exc,
+                    event="retry",
+                    attempt=ctx.attempt,
+                    delay_s=decision.delay_s,
+                    handler=failure.handler,
+                )
+                if self._telemetry.enabled:
+                    self._telemetry.retried.add(1, self._labels)
                 self._log.warning(
                     "retry_scheduled",
                     handler=failure.handler,
@@ -512,6 +582,10 @@ class SubscriptionConsumer:
             )
             await self._safe(delivery.reject(), delivery)
             return
+        span = current_context_span()
+        fail(span, exc, event="dead-lettered", reason=reason, handler=handler, attempt=attempt)
+        if self._telemetry.enabled:
+            self._telemetry.dead_lettered.add(1, {**self._labels, "banyan.reason": reason})
         self._log.error(
             "dead_lettered",
             message_id=delivery.message_id,
@@ -528,6 +602,11 @@ class SubscriptionConsumer:
             await settle
         except (BanyanError, RuntimeError) as exc:
             self._log.warning("settle_failed", message_id=delivery.message_id, error=str(exc))
+
+
+def current_context_span() -> Any:
+    ctx = current_context()
+    return None if ctx is None else ctx._span
 
 
 def make_context(

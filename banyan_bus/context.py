@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from datetime import datetime
+from typing import Any
 
 from banyan_bus.transport.base import Delivery, Headers
 
@@ -32,6 +33,7 @@ class MessageContext:
     __slots__ = (
         "_auto_ack",
         "_delivery",
+        "_span",
         "attempt",
         "causation_id",
         "correlation_id",
@@ -77,6 +79,7 @@ class MessageContext:
         self.handler: str = ""
         self._delivery = delivery
         self._auto_ack = auto_ack
+        self._span: Any = None  # the OTel span of this handling, when tracing
 
     def __repr__(self) -> str:
         return (

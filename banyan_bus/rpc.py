@@ -20,12 +20,14 @@ from typing import Any
 
 import pydantic_core
 import structlog
+from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
 from banyan_bus.contracts import ContractRegistry, Message, routing_key_for
 from banyan_bus.envelope import DecodeError, decode, encode
 from banyan_bus.errors import BanyanError, RemoteHandlerError, RequestTimeout, Unroutable
 from banyan_bus.handlers import HandlerSpec
+from banyan_bus.telemetry import Telemetry, fail
 from banyan_bus.topology import (
     COMMANDS_EXCHANGE,
     BindingDecl,
@@ -153,7 +155,9 @@ class CommandConsumer:
         concurrency: int,
         timeout: float | None,
         context_factory: Any,
+        telemetry: Telemetry,
     ) -> None:
+        self._telemetry = telemetry
         self._transport = transport
         self._registry = registry
         self.message_type = message_type
@@ -228,8 +232,33 @@ class CommandConsumer:
 
         token = _current.set(ctx)
         try:
-            async with asyncio.timeout(self._timeout):
-                result = await self._handler.invoke(envelope.payload, ctx)
+            with self._telemetry.process_span(
+                message_type=envelope.message_type,
+                version=envelope.version,
+                message_id=envelope.id,
+                correlation_id=envelope.correlation_id,
+                group=self._service,
+                destination=COMMANDS_EXCHANGE,
+                headers=delivery.headers,
+                envelope_trace=envelope.trace_context,
+                body_size=len(delivery.body),
+                kind=SpanKind.SERVER,
+            ) as span:
+                ctx._span = span
+                try:
+                    with structlog.contextvars.bound_contextvars(
+                        event_id=envelope.id,
+                        message_type=envelope.message_type,
+                        correlation_id=envelope.correlation_id,
+                        causation_id=envelope.causation_id,
+                        service=self._service,
+                        handler=self._handler.name,
+                    ):
+                        async with asyncio.timeout(self._timeout):
+                            result = await self._handler.invoke(envelope.payload, ctx)
+                except Exception as exc:
+                    fail(span, exc)
+                    raise
         except Exception as exc:
             log.warning(
                 "request_failed",

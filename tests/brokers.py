@@ -182,6 +182,26 @@ def delete_vhost(name: str, *, missing_ok: bool = True, timeout: float = 30.0) -
     )
 
 
+def retire_vhost(name: str) -> bool:
+    """Delete ``name`` once nothing is connected to it; False if a client keeps coming back.
+
+    RabbitMQ 3.10 can wedge its vhost machinery (every later vhost create hangs)
+    when a vhost is deleted while a client is reconnecting into it, as a robust
+    connection left open by a failed test does. So: close the vhost's
+    connections, give reconnecting clients a moment, and delete only if none
+    came back; the caller defers the rest to the end of the session.
+    """
+    for _ in range(3):
+        if not list_connections(name):
+            time.sleep(0.05)
+            if not list_connections(name):
+                delete_vhost(name)
+                return True
+        close_connections(name)
+        time.sleep(0.3)
+    return False
+
+
 def list_vhosts(*, timeout: float = HTTP_TIMEOUT) -> list[dict[str, Any]]:
     """All vhosts, as the management API describes them."""
     result: list[dict[str, Any]] = _request("GET", "/api/vhosts", timeout=timeout) or []

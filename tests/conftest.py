@@ -94,11 +94,24 @@ def amqp_url(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.node.get_closest_marker(AMQP_MARKER) is None:
         request.node.add_marker(AMQP_MARKER)
     name = f"banyan-test-{_slug(request.node.name)}-{uuid.uuid4().hex[:8]}"
-    url = brokers.create_vhost(name)
     try:
-        yield url
+        yield brokers.create_vhost(name)
     finally:
-        brokers.delete_vhost(name)
+        if not brokers.retire_vhost(name):
+            _deferred_vhosts.append(name)
+
+
+_deferred_vhosts: list[str] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Delete the vhosts a leaked client kept alive, now that every test is over."""
+    for name in _deferred_vhosts:
+        try:
+            brokers.close_connections(name)
+            brokers.delete_vhost(name)
+        except brokers.BrokerAdminError as exc:
+            print(f"could not delete test vhost {name}: {exc}", file=sys.stderr)
 
 
 def _reset_memory_brokers() -> None:

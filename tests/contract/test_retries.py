@@ -15,8 +15,6 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-import pytest
-
 from banyan_bus import Event, MessageBus, MessageContext, RetryPolicy
 from banyan_bus.consume import Subscription
 from banyan_bus.transport.base import Delivery
@@ -378,13 +376,6 @@ async def test_immediate_retries_come_before_delayed_ones(bus_url: str, unique) 
     assert headers["x-banyan-reason"] == "handler-failed"
 
 
-@pytest.mark.xfail(
-    reason="consume.py _attempt labels every TimeoutError as the bus's handler timeout: a "
-    "TimeoutError raised inside the handler (asyncio.wait_for, an HTTP client) is dead-lettered "
-    "with reason 'timeout' and its message replaced by 'ran past its timeout of 30 s'; "
-    "check the bus's own asyncio.timeout scope with .expired()",
-    strict=True,
-)
 async def test_a_timeout_error_raised_inside_the_handler_is_a_handler_failure(
     bus_url: str, unique
 ) -> None:
