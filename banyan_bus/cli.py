@@ -86,6 +86,7 @@ err = Console(stderr=True, highlight=False)
 @dataclass
 class _Options:
     debug: bool = False
+    log_format: str = "auto"
 
 
 _options = _Options()
@@ -106,31 +107,34 @@ class CliError(Exception):
 _CLIENT_LOGGERS = ("aiormq", "aio_pika")
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """structlog to stderr with a console renderer (stdout stays for command output).
+class LogFormat(enum.StrEnum):
+    auto = "auto"
+    console = "console"
+    json = "json"
 
-    Deliberately small: ``banyan_bus.logging`` (issue 7) replaces it with the
-    platform's configuration (JSON in production, context on every line).
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The platform's structlog setup (``banyan_bus.logging``), on stderr.
+
+    stdout stays for command output (a message id, a table, a document). JSON
+    lines unless stderr is a terminal, or as ``--log-format`` says.
     """
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr)
-    _quiet_clients(level > logging.DEBUG)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
+    from banyan_bus.logging import configure
+
+    if _options.debug:
+        level = logging.DEBUG
+    json_lines = (
+        None if _options.log_format == LogFormat.auto else (_options.log_format == LogFormat.json)
     )
+    configure(json=json_lines, level=level)
+    _quiet_clients(not _options.debug)
 
 
 def _quiet_clients(quiet: bool) -> None:
-    """Silence aio-pika/aiormq's own error lines (a failed connect is reported once, by us)."""
+    """Silence aio-pika/aiormq's own error lines while connecting: a failed connect is
+    reported once, by us. Once connected, their reconnect warnings matter again."""
     for name in _CLIENT_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL if quiet else logging.NOTSET)
+        logging.getLogger(name).setLevel(logging.CRITICAL if quiet else logging.WARNING)
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -284,8 +288,13 @@ def _root(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks and debug log lines.")
     ] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(help="Log lines: JSON, console, or auto (JSON unless on a terminal)."),
+    ] = LogFormat.auto,
 ) -> None:
     _options.debug = debug
+    _options.log_format = log_format.value
 
 
 # -- banyan run ---------------------------------------------------------------------------
@@ -354,7 +363,7 @@ def _supervise(spec: str, workers: int, grace: float | None) -> int:
     them once, through here, not twice. One that exits on its own stops the
     rest: a half-running service is worse than a restart by the orchestrator.
     """
-    command = [sys.executable, "-m", "banyan_bus.cli"]
+    command = [sys.executable, "-m", "banyan_bus.cli", "--log-format", _options.log_format]
     if _options.debug:
         command.append("--debug")
     command += ["run", spec]
@@ -416,7 +425,7 @@ def run(
     On a signal it stops consuming, lets in-flight handlers finish within the
     grace period, returns unfinished messages to their queue and disconnects.
     """
-    configure_logging(logging.DEBUG if _options.debug else logging.INFO)
+    configure_logging(logging.INFO)
     with _reported():
         located = _locate(target)  # fails here, once, before any worker starts
         if workers > 1:
@@ -515,7 +524,7 @@ def publish(
     ] = None,
 ) -> None:
     """Validate an event against its contract and publish it; prints the message id."""
-    configure_logging(logging.DEBUG if _options.debug else logging.WARNING)
+    configure_logging(logging.WARNING)
     with _reported():
         bus = _load_bus(target)
         contract = _find_contract(bus.contracts, message_type, version)
@@ -620,7 +629,7 @@ def topology(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show the exchanges, queues and bindings the service declares (and declare them)."""
-    configure_logging(logging.DEBUG if _options.debug else logging.WARNING)
+    configure_logging(logging.WARNING)
     with _reported():
         bus = _load_bus(target)
         plan = bus.topology()
@@ -674,7 +683,7 @@ def asyncapi(
     api_version: Annotated[str, typer.Option(help="info.version of the document.")] = "1.0.0",
 ) -> None:
     """Write an AsyncAPI 3.0 document of the service's channels, operations and contracts."""
-    configure_logging(logging.DEBUG if _options.debug else logging.WARNING)
+    configure_logging(logging.WARNING)
     with _reported():
         from banyan_bus.asyncapi import asyncapi_document
 
@@ -786,7 +795,7 @@ def dlq_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List dead-lettered messages (they stay in the queue)."""
-    configure_logging(logging.DEBUG if _options.debug else logging.WARNING)
+    configure_logging(logging.WARNING)
     with _reported():
         bus = _load_bus(target)
         pairs = _dlq_targets(bus, group, message_type)
@@ -840,7 +849,7 @@ def dlq_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one dead-lettered message in full: reason, error, traceback, envelope."""
-    configure_logging(logging.DEBUG if _options.debug else logging.WARNING)
+    configure_logging(logging.WARNING)
     with _reported():
         bus = _load_bus(target)
         pairs = _dlq_targets(bus, group, message_type)
@@ -877,7 +886,7 @@ def dlq_replay(
     as_json: JsonOpt = False,
 ) -> None:
     """Send dead-lettered messages back to their group (only that group sees them)."""
-    configure_logging(logging.DEBUG if _options.debug else logging.WARNING)
+    configure_logging(logging.WARNING)
     with _reported():
         bus = _load_bus(target)
         pairs = _dlq_targets(bus, group, message_type)
@@ -910,7 +919,7 @@ def dlq_purge(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete dead-lettered messages for good."""
-    configure_logging(logging.DEBUG if _options.debug else logging.WARNING)
+    configure_logging(logging.WARNING)
     with _reported():
         bus = _load_bus(target)
         pairs = _dlq_targets(bus, group, message_type)

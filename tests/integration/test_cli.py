@@ -9,9 +9,9 @@ the broker itself: a message is either handled and acked, or back in its queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,11 +47,11 @@ def _env(url: str) -> dict[str, str]:
 
 
 class Service:
-    """A ``banyan run`` subprocess whose output lines are collected as they come."""
+    """A ``banyan run`` subprocess whose JSON log lines are collected as they come."""
 
     def __init__(self, args: list[str], url: str) -> None:
         self.proc = subprocess.Popen(
-            [_banyan(), *args],
+            [_banyan(), "--log-format", "json", *args],
             cwd=REPO,
             env=_env(url),
             stdout=subprocess.PIPE,
@@ -76,19 +77,47 @@ class Service:
         with self._changed:
             return "\n".join(self.lines)
 
-    def wait_for(self, pattern: str, *, count: int = 1, timeout: float = 15.0) -> list[str]:
-        """The first ``count`` lines matching ``pattern``; fails with the output on timeout."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The structlog lines, parsed (anything else the process printed is skipped)."""
         with self._changed:
-            while True:
-                found = [line for line in self.lines if regex.search(line)]
-                if len(found) >= count:
-                    return found[:count]
+            lines = list(self.lines)
+        parsed = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    parsed.append(record)
+        return parsed
+
+    def events(self, event: str, **fields: object) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.records
+            if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())
+        ]
+
+    def position(self, event: str, **fields: object) -> int:
+        """Index of the first such line among all log lines (for before/after checks)."""
+        for index, record in enumerate(self.records):
+            if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
+                return index
+        raise AssertionError(f"no {event} {fields} in:\n{self.output}")
+
+    def wait_for(
+        self, event: str, *, count: int = 1, timeout: float = 15.0, **fields: object
+    ) -> list[dict[str, Any]]:
+        """The first ``count`` log lines of ``event`` with ``fields``; fails on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.events(event, **fields)
+            if len(found) >= count:
+                return found[:count]
+            with self._changed:
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
                     raise AssertionError(
-                        f"no {count} line(s) matching {pattern!r} within {timeout} s; "
+                        f"no {count} {event} line(s) with {fields} within {timeout} s; "
                         f"output:\n{chr(10).join(self.lines)}"
                     )
                 self._changed.wait(min(left, 0.2))
@@ -182,11 +211,15 @@ def test_two_example_services_handle_a_published_event(
     # UserCreated v1: the version the example handlers serve (v2 is the latest).
     event_id = publish(amqp_url, USERS, "UserCreated", user_created(1), "--version", "1")
 
-    [sent] = email.wait_for(rf"welcome_email_sent.*event_id={event_id}")
-    assert "to=user1@example.com" in sent
-    analytics.wait_for(rf"signup_counted.*event_id={event_id}")
+    [sent] = email.wait_for("welcome_email_sent", event_id=event_id)
+    assert sent["to"] == "user1@example.com"
+    # The bus binds the message's context to every line a handler logs.
+    assert sent["message_type"] == "UserCreated"
+    assert sent["group"] == "email-service"
+    analytics.wait_for("signup_counted", event_id=event_id)
     # email-service published EmailSent from inside its handler; analytics counts it too.
-    analytics.wait_for(r"email_counted.*template=welcome")
+    [counted] = analytics.wait_for("email_counted", template="welcome")
+    assert counted["causation_id"] == event_id
 
     for service in (email, analytics):
         service.signal(signal.SIGTERM)
@@ -212,14 +245,12 @@ def test_sigterm_lets_the_in_flight_handler_finish_and_leaves_the_rest_queued(
     queue = group_exchange("slow-service", "WorkRequested")
     first = publish(amqp_url, SLOW, "WorkRequested", {"jobId": "long", "seconds": 3})
     publish(amqp_url, SLOW, "WorkRequested", {"jobId": "next", "seconds": 0})
-    slow.wait_for(rf"work_started.*event_id={first}")
+    slow.wait_for("work_started", event_id=first)
 
     slow.signal(signal.SIGTERM)
     assert slow.wait(timeout=20) == 0, slow.output
-    out = slow.output
-    assert out.index("service_stopping") < out.index("work_finished"), out
-    assert re.search(rf"work_finished.*event_id={first}", out), out
-    assert "job_id=next" not in out, "the second job started after SIGTERM"
+    assert slow.position("service_stopping") < slow.position("work_finished", event_id=first)
+    assert not slow.events("work_started", job_id="next"), "a job started after SIGTERM"
     # The long job was acked; the next one never left the queue; nothing dead-lettered.
     counts = asyncio.run(
         queue_counts(amqp_url, queue, dead_letter_queue("slow-service", "WorkRequested"))
@@ -228,7 +259,7 @@ def test_sigterm_lets_the_in_flight_handler_finish_and_leaves_the_rest_queued(
 
     # A new instance takes the waiting job: nothing was lost.
     again = start(services, amqp_url, SLOW)
-    again.wait_for(r"work_finished.*job_id=next")
+    again.wait_for("work_finished", job_id="next")
     again.signal(signal.SIGINT)
     assert again.wait() == 0, again.output
     assert list(asyncio.run(queue_counts(amqp_url, queue)).values()) == [0]
@@ -239,12 +270,12 @@ def test_a_handler_past_the_grace_period_goes_back_to_its_queue(
 ) -> None:
     slow = start(services, amqp_url, SLOW, "--grace", "0.5")
     event_id = publish(amqp_url, SLOW, "WorkRequested", {"jobId": "endless", "seconds": 60})
-    slow.wait_for(rf"work_started.*event_id={event_id}")
+    slow.wait_for("work_started", event_id=event_id)
 
     # The handler would sleep 60 s: exiting well before proves the grace period cut it off.
     slow.signal(signal.SIGTERM)
     assert slow.wait(timeout=30) == 0, slow.output
-    assert "work_finished" not in slow.output
+    assert not slow.events("work_finished")
     slow.wait_for("grace_period_over", timeout=1)
     queue = group_exchange("slow-service", "WorkRequested")
     counts = asyncio.run(
@@ -257,8 +288,8 @@ def test_workers_run_one_bus_each_and_stop_together(amqp_url: str, services: lis
     supervisor = Service(["run", SLOW, "--workers", "2"], amqp_url)
     services.append(supervisor)
     running = supervisor.wait_for("service_running", count=2, timeout=START_TIMEOUT)
-    workers = {m[1] for line in running if (m := re.search(r"worker=(\d)", line))}
-    assert workers == {"0", "1"}, running
+    assert {r["worker"] for r in running} == {"0", "1"}
+    assert len({r["pid"] for r in running}) == 2
     supervisor.signal(signal.SIGTERM)
     assert supervisor.wait() == 0, supervisor.output
     supervisor.wait_for("service_stopped", count=2, timeout=1)
@@ -283,7 +314,7 @@ def test_topology_declare_creates_the_service_queues_on_the_broker(amqp_url: str
 def test_dlq_list_and_purge_a_failed_message(amqp_url: str, services: list[Service]) -> None:
     slow = start(services, amqp_url, SLOW)
     event_id = publish(amqp_url, SLOW, "WorkRequested", {"jobId": "broken", "fail": True})
-    slow.wait_for(r"dead_lettered")
+    slow.wait_for("dead_lettered", message_id=event_id)
     slow.signal(signal.SIGTERM)
     assert slow.wait() == 0, slow.output
 
