@@ -79,7 +79,8 @@ dlq_app = typer.Typer(
 )
 app.add_typer(dlq_app, name="dlq")
 
-out = Console(highlight=False)
+# Piped output is read by people too (CI logs, `| less`): wide enough for queue names.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False)
 
 
@@ -585,13 +586,15 @@ def declaration_dict(decl: Declaration) -> dict[str, Any]:
 
 
 def _arguments_text(arguments: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in arguments.items())
+    return "\n".join(f"{k}={v}" for k, v in arguments.items())
 
 
 def _topology_table(service: str, plan: list[Declaration]) -> Table:
     table = Table(title=f"topology of {service}", title_justify="left")
-    for column in ("kind", "name", "type", "arguments / binding"):
-        table.add_column(column, overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("type", no_wrap=True)
+    table.add_column("arguments / binding", overflow="fold")
     for decl in plan:
         data = declaration_dict(decl)
         if data["kind"] == "exchange":
