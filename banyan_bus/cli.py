@@ -371,11 +371,13 @@ def _supervise(spec: str, workers: int, grace: float | None) -> int:
     if grace is not None:
         command += ["--grace", str(grace)]
     children: dict[int, subprocess.Popen[bytes]] = {}
+    # Only children not reaped yet: a reaped pid may belong to another process by now.
+    alive: dict[int, subprocess.Popen[bytes]] = {}
     stopping: list[str] = []
 
     def forward(signum: int, _frame: object) -> None:
         stopping.append(signal.Signals(signum).name)
-        for child in children.values():
+        for child in list(alive.values()):
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
 
@@ -384,7 +386,7 @@ def _supervise(spec: str, workers: int, grace: float | None) -> int:
         for number in range(workers):
             env = {**os.environ, ENV_WORKER: str(number), ENV_PARENT: str(os.getpid())}
             child = subprocess.Popen(command, env=env, process_group=0)
-            children[child.pid] = child
+            children[child.pid] = alive[child.pid] = child
         log.info("workers_started", target=spec, workers=workers, pids=sorted(children))
         codes: dict[int, int] = {}
         unexpected = False
@@ -392,6 +394,7 @@ def _supervise(spec: str, workers: int, grace: float | None) -> int:
             pid, status = os.wait()
             if pid not in children:
                 continue
+            alive.pop(pid, None)
             codes[pid] = os.waitstatus_to_exitcode(status)
             if not stopping:
                 unexpected = True
