@@ -33,6 +33,7 @@ from banyan_bus.contracts import (
 )
 from banyan_bus.delay import delay_route, parse_after
 from banyan_bus.di import Injector
+from banyan_bus.dlq import DeadLetterQueue, dead_letter_queue
 from banyan_bus.envelope import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_DELAY,
@@ -349,7 +350,8 @@ class MessageBus:
         over that many queues. ``idempotent=True`` (or ``idempotency_key=fn``)
         runs each handler once per event id (or key), through ``idempotency_store``.
         """
-        return await self._add_handler(
+        known = set(self._subscriptions)
+        sub = self._record(
             contract,
             function_handler(contract, handler),
             subscription_group=subscription_group,
@@ -365,8 +367,59 @@ class MessageBus:
             idempotent=idempotent,
             idempotency_key=idempotency_key,
         )
+        if self._started and (sub.group, sub.message_type) not in known:
+            await self._declare(sub)
+            await self._start_consumer(sub)
+        return sub
 
-    async def _add_handler(
+    def handler(
+        self, contract: type[M], **options: Any
+    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        """Decorator form of ``subscribe``, for module level (before ``start``).
+
+        Example::
+
+            @bus.handler(UserCreated, subscription_group="welcome")
+            async def send_welcome(event: UserCreated) -> None: ...
+        """
+        unknown = set(options) - _SUBSCRIBE_OPTIONS
+        if unknown:
+            raise HandlerError(
+                f"unknown option(s) {sorted(unknown)}; valid: {sorted(_SUBSCRIBE_OPTIONS)}"
+            )
+
+        def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            self._refuse_if_started(getattr(fn, "__qualname__", repr(fn)))
+            self._record(contract, function_handler(contract, fn), **_event_options(options))
+            return fn
+
+        return decorate
+
+    def _refuse_if_started(self, what: str) -> None:
+        if self._started:
+            raise HandlerError(
+                f"add {what} before bus.start(), or use `await bus.subscribe(...)` on a running bus"
+            )
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        """This service's subscriptions (group, message type, queue names, handlers)."""
+        return tuple(self._subscriptions.values())
+
+    @property
+    def owned_requests(self) -> tuple[str, ...]:
+        """The command and query types this service owns."""
+        return tuple(self._commands)
+
+    def dlq(self, group: str, contract: type[Message] | str) -> DeadLetterQueue:
+        """The dead-letter queue of ``group``'s subscription to ``contract``.
+
+        ``list()``/``find()`` to inspect, ``replay()`` to send back to that group
+        alone (same message id, attempts reset), ``purge()``. Needs a started bus.
+        """
+        return dead_letter_queue(self.transport, group, contract)
+
+    def _record(
         self,
         contract: type[Message],
         spec: HandlerSpec,
@@ -457,9 +510,6 @@ class MessageBus:
                 dedup=dedup,
             )
             self._subscriptions[key] = sub
-            if self._started:
-                await self._declare(sub)
-                await self._start_consumer(sub)
             return sub
         if any(h.name == spec.name for h in sub.handlers):
             raise HandlerError(f"{spec.name} already handles {message_type} in group {group!r}")
@@ -527,6 +577,7 @@ class MessageBus:
             ensure_delays=self._ensure_delays,
             telemetry=self._telemetry,
             service=self.service,
+            max_message_size=self.max_message_size,
         )
         await consumer.start()
         self._consumers.append(consumer)
@@ -543,6 +594,10 @@ class MessageBus:
     # -- class handlers ------------------------------------------------------------
 
     async def register(self, *handlers: type[Any] | ModuleType) -> None:
+        """Async alias of ``include`` (kept for symmetry with ``subscribe``)."""
+        self.include(*handlers)
+
+    def include(self, *handlers: type[Any] | ModuleType) -> None:
         """Register ``@EventHandler`` / ``@CommandHandler`` / ``@QueryHandler`` classes.
 
         A module registers every decorated class defined in it, in definition
@@ -558,11 +613,11 @@ class MessageBus:
                     and obj.__module__ == item.__name__
                 ]
                 for cls in found:
-                    await self._register_class(cls)
+                    self._register_class(cls)
             else:
-                await self._register_class(item)
+                self._register_class(item)
 
-    async def _register_class(self, cls: type[Any]) -> None:
+    def _register_class(self, cls: type[Any]) -> None:
         opts = handler_options(cls)
         if opts is None:
             raise HandlerError(
@@ -589,7 +644,7 @@ class MessageBus:
                 f"valid: {sorted(_CLASS_OPTIONS[opts.kind])}"
             )
         if opts.kind == "event":
-            await self._add_handler(opts.contract, spec, **_event_options(opts.options))
+            self._record(opts.contract, spec, **_event_options(opts.options))
             return
         message_type = opts.contract.__message_type__
         if message_type in self._commands:

@@ -141,8 +141,10 @@ class SubscriptionConsumer:
         ensure_delays: Callable[[], Coroutine[Any, Any, None]],
         telemetry: Telemetry,
         service: str,
+        max_message_size: int,
     ) -> None:
         self.subscription = subscription
+        self._max_message_size = max_message_size
         self._telemetry = telemetry
         self._service = service
         self._labels = {MESSAGE_TYPE: subscription.message_type, CONSUMER_GROUP: subscription.group}
@@ -257,6 +259,14 @@ class SubscriptionConsumer:
 
     async def _handle(self, delivery: Delivery) -> None:
         sub = self.subscription
+        if len(delivery.body) > self._max_message_size:
+            err = DecodeError(
+                "too-large",
+                f"body is {len(delivery.body)} bytes, over this service's limit of "
+                f"{self._max_message_size} bytes",
+            )
+            await self._dead_letter(delivery, err.reason, handler="", exc=err, attempt=1)
+            return
         try:
             envelope = decode(delivery, self._registry)
         except DecodeError as exc:
@@ -652,6 +662,24 @@ def strip_death_headers(headers: Headers) -> None:
         headers.pop(name, None)
 
 
+def _writable(value: HeaderValue) -> HeaderValue:
+    """A header value any AMQP client can send back.
+
+    aio-pika reads a non-UTF-8 string header as ``bytes`` and a wide double as a
+    ``float``, and cannot write either again; a message we cannot republish would
+    never leave its queue.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, float) and (value != value or abs(value) > 3.4e38):
+        return repr(value)
+    if isinstance(value, list):
+        return [_writable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _writable(v) for k, v in value.items()}
+    return value
+
+
 def _republish(delivery: Delivery, headers: Headers) -> OutgoingMessage:
     return OutgoingMessage(
         body=delivery.body,
@@ -659,7 +687,7 @@ def _republish(delivery: Delivery, headers: Headers) -> OutgoingMessage:
         correlation_id=delivery.correlation_id,
         message_type=delivery.message_type,
         timestamp=delivery.timestamp,
-        headers=headers,
+        headers={str(k): _writable(v) for k, v in headers.items()},
         priority=delivery.priority,
         content_type=delivery.content_type or "application/json",
     )

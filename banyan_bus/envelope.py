@@ -111,7 +111,7 @@ class Envelope:
 
 
 DecodeFailure = Literal[
-    "undecodable", "unknown-message-type", "unknown-version", "validation-failed"
+    "undecodable", "unknown-message-type", "unknown-version", "validation-failed", "too-large"
 ]
 
 

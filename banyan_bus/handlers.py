@@ -43,8 +43,9 @@ class HandlerSpec:
 
 
 def _qualname(fn: Callable[..., Any]) -> str:
-    module = getattr(fn, "__module__", None) or "?"
-    return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
+    """A name stable across restarts and instances (it marks handlers done on retries)."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', None) or '?'}.{target.__qualname__}"
 
 
 def function_handler(contract: type[Message], fn: Callable[..., Awaitable[Any]]) -> HandlerSpec:

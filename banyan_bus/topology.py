@@ -135,7 +135,15 @@ def queue_arguments(options: QueueOptions, dlq: str) -> dict[str, HeaderValue]:
     return args
 
 
+#: A DLQ is read with get + requeue (``dlq list``); each read counts as a delivery. Quorum
+#: queues on RabbitMQ 4 drop a message past 20 deliveries by default, so set a limit no
+#: inspection will reach.
+DLQ_DELIVERY_LIMIT = 1_000_000
+
+
 def dlq_arguments(options: QueueOptions) -> dict[str, HeaderValue]:
+    if options.queue_type == "quorum":
+        return {"x-queue-type": "quorum", "x-delivery-limit": DLQ_DELIVERY_LIMIT}
     return {"x-queue-type": options.queue_type}
 
 

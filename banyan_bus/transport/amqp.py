@@ -128,16 +128,27 @@ class _ReplyDelivery(AmqpDelivery):
 
 
 class _AmqpConsumer(Consumer):
-    def __init__(self, queue: AbstractQueue, tag: str, channel: AbstractChannel) -> None:
+    def __init__(
+        self, queue: AbstractQueue, tag: str, channel: AbstractChannel, transport: AmqpTransport
+    ) -> None:
         self._queue = queue
         self._tag = tag
         self._channel = channel
+        self._transport = transport
 
     async def cancel(self) -> None:
+        if self._transport._connection is None or self._channel.is_closed:
+            return  # the connection is gone: the broker has cancelled it already
         try:
-            await self._queue.cancel(self._tag)
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError):
-            pass  # the channel is gone: the broker has cancelled it already
+            # A robust channel waits for a reconnect that may never come: bound it.
+            async with asyncio.timeout(10):
+                await self._queue.cancel(self._tag)
+        except (
+            TimeoutError,
+            aiormq.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+        ):
+            pass
 
 
 class AmqpTransport(Transport):
@@ -166,7 +177,7 @@ class AmqpTransport(Transport):
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise BrokerUnreachable(
                 f"cannot connect to RabbitMQ at {self.display_url}: "
-                f"{type(exc).__name__}: {exc or 'no answer'}. Is the broker running and "
+                f"{type(exc).__name__}: {str(exc) or 'no answer'}. Is the broker running and "
                 f"are the host, port, vhost and credentials right?"
             ) from exc
         self._confirm_channel = await self._connection.channel(publisher_confirms=True)
@@ -343,6 +354,11 @@ class AmqpTransport(Transport):
             raise PublishError(
                 f"cannot publish to {exchange!r}: {_reply_text(exc)}; nothing was sent"
             ) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PublishError(
+                f"cannot encode {message.message_id} for AMQP (a header value the client "
+                f"cannot write?): {type(exc).__name__}: {exc}; nothing was sent"
+            ) from exc
         except (
             TimeoutError,
             aiormq.exceptions.AMQPError,
@@ -373,7 +389,7 @@ class AmqpTransport(Transport):
             await callback(AmqpDelivery(message, self))
 
         tag = await q.consume(on_message)
-        return _AmqpConsumer(q, tag, channel)
+        return _AmqpConsumer(q, tag, channel, self)
 
     async def start_replies(self, callback: Callable[[Delivery], None]) -> str:
         # Direct reply-to: consume the pseudo-queue, no-ack, on the channel that

@@ -323,6 +323,7 @@ class _Queue:
         if queue_type not in ("classic", "quorum"):
             raise TopologyError(f"{where}: unsupported x-queue-type {queue_type!r}")
         self.quorum = queue_type == "quorum"
+        self._overflowing = False
         if self.quorum and not durable:
             raise TopologyError(f"{where}: quorum queues must be durable (PRECONDITION_FAILED)")
         if self.quorum and "x-max-priority" in arguments:
@@ -391,7 +392,7 @@ class _Queue:
             expires_at=_expiry(now, self.ttl_ms, properties.expiration),
         )
         size = len(properties.body)
-        if not force and self.overflow != "drop-head" and self._over_limit(1, size):
+        if not force and self.overflow != "drop-head" and self._refuses(size):
             if self.overflow == "reject-publish-dlx":
                 self.broker.dead_letter(self, message, "maxlen")
             return False
@@ -419,6 +420,23 @@ class _Queue:
         index = next((i for i, m in enumerate(lane) if m.seq > message.seq), len(lane))
         self._add(message, index)
         self._changed()
+
+    def _refuses(self, size: int) -> bool:
+        """Whether reject-publish overflow refuses one more message.
+
+        Quorum queues follow RabbitMQ's rabbit_fifo: the limit is checked before
+        the enqueue against what is already there (so N+1 fit), and once over it
+        the queue refuses until it drains below 80% of the limit.
+        """
+        if not self.quorum:
+            return self._over_limit(1, size)
+        if self._overflowing:
+            self._overflowing = self._over_limit(0, 0) or (
+                self.max_length is not None and self.ready >= 0.8 * self.max_length
+            )
+        else:
+            self._overflowing = self._over_limit(0, 0)
+        return self._overflowing
 
     def _over_limit(self, extra: int, extra_bytes: int) -> bool:
         return (self.max_length is not None and self.ready + extra > self.max_length) or (

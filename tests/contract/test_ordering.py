@@ -65,7 +65,7 @@ async def test_order_survives_losing_an_instance(bus_url: str, unique) -> None:
 
     async def handle(event: ShipmentMoved) -> None:
         nonlocal count
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.01)
         handled[event.shipment_id].append(event.seq)
         count += 1
 
