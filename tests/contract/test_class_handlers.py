@@ -160,7 +160,9 @@ async def test_missing_dependency_fails_at_start(bus_url: str, unique) -> None:
     with pytest.raises(DependencyError) as info:
         await bus.start()
     text = str(info.value)
-    assert "NeedsSomethingMissing" in text and "'missing'" in text and "Unregistered" in text
+    assert "NeedsSomethingMissing" in text
+    assert "'missing'" in text
+    assert "Unregistered" in text
     assert not bus.started
 
 
@@ -214,7 +216,9 @@ async def test_version_dispatch_upcasting_and_unknown_version(bus_url: str, uniq
         await versioned.publish(InvoiceIssued(invoice_id="a"))
         await versioned.publish(InvoiceIssuedV2(invoice_id="b", currency="USD"))
         await versioned.publish(InvoiceIssuedV3(invoice_id="c", currency="GBP", lines=2))
-        await wait_until(lambda: len(VersionedInvoices.calls) == 2 and len(UpcastInvoices.calls) == 2)
+        await wait_until(
+            lambda: len(VersionedInvoices.calls) == 2 and len(UpcastInvoices.calls) == 2
+        )
         sub = versioned._subscriptions[(versioned.service, "InvoiceIssued")]
         for bus, sub in (
             (versioned, sub),
@@ -290,9 +294,7 @@ async def test_command_nobody_owns_times_out_quickly(bus_url: str, unique) -> No
 async def test_owner_instances_share_commands(bus_url: str, unique) -> None:
     OpenAccountHandler.opened = []
     service = unique("accounts")
-    owners = [
-        MessageBus(service, bus_url, providers=[*services(Tracking())]) for _ in range(3)
-    ]
+    owners = [MessageBus(service, bus_url, providers=[*services(Tracking())]) for _ in range(3)]
     for owner in owners:
         await owner.register(OpenAccountHandler)
     caller = MessageBus(unique("web"), bus_url)
@@ -313,5 +315,7 @@ async def test_register_a_module_and_refuse_plain_classes(unique, memory_url: st
     with pytest.raises(HandlerError, match="not a handler class"):
         await bus.register(Ledger)
     await bus.register(sys.modules[__name__])
-    registered = {spec.name.rsplit(".", 1)[-1] for sub in bus._subscriptions.values() for spec in sub.handlers}
+    registered = {
+        spec.name.rsplit(".", 1)[-1] for sub in bus._subscriptions.values() for spec in sub.handlers
+    }
     assert {"BookInvoice", "VersionedInvoices"} <= registered

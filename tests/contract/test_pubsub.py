@@ -170,9 +170,7 @@ async def test_high_priority_is_handled_before_a_normal_backlog(bus_url: str, un
         for i in range(10):
             await publisher.publish(ParcelScanned(parcel_id=f"n{i}", note="normal"))
         for i in range(10):
-            await publisher.publish(
-                ParcelScanned(parcel_id=f"h{i}", note="high"), priority="high"
-            )
+            await publisher.publish(ParcelScanned(parcel_id=f"h{i}", note="high"), priority="high")
         for i in range(5):
             await publisher.publish(ParcelScanned(parcel_id=f"l{i}", note="low"), priority="low")
     consumer = MessageBus(service, bus_url, queue_type="classic")
@@ -200,7 +198,8 @@ async def test_envelope_round_trips_metadata(bus_url: str, unique) -> None:
         await wait_until(lambda: len(got) == 1)
     event, ctx = got[0]
     assert event == ParcelScanned(parcel_id="p1", seq=7, note="ünïcødé ✓")
-    assert ctx.id == message_id and message_id.startswith("evt_")
+    assert ctx.id == message_id
+    assert message_id.startswith("evt_")
     assert ctx.correlation_id == "cor_fixed"
     assert ctx.causation_id is None
     assert ctx.message_type == "ParcelScanned"
@@ -267,12 +266,11 @@ async def test_oversized_payload_is_refused_before_sending(bus_url: str, unique)
         await bus.publish(ParcelScanned(parcel_id="small"))
         await wait_until(lambda: handled == ["small"])
         state = await bus.transport.queue_state(sub.queue_name)
-        assert state is not None and state.messages == 0
+        assert state is not None
+        assert state.messages == 0
 
 
-async def test_invalid_data_raises_validation_error_and_sends_nothing(
-    bus_url: str, unique
-) -> None:
+async def test_invalid_data_raises_validation_error_and_sends_nothing(bus_url: str, unique) -> None:
     handled: list[str] = []
 
     async def handle(event: ParcelScanned) -> None:
@@ -346,7 +344,8 @@ async def test_manual_ack_and_reject(bus_url: str, unique) -> None:
             await asyncio.sleep(0.02)
         assert await dlq_has_one()
         queue = await bus.transport.queue_state(sub.queue_name)
-        assert queue is not None and queue.messages == 0
+        assert queue is not None
+        assert queue.messages == 0
 
 
 async def test_ctx_ack_refused_in_auto_ack_mode(bus_url: str, unique) -> None:

@@ -35,7 +35,7 @@ def otel_sdk() -> None:
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     _exporter.clear()
-    yield _exporter
+    return _exporter
 
 
 def counter(name: str, **labels: str) -> int:
@@ -78,11 +78,14 @@ async def test_one_trace_spans_publisher_and_consumer(amqp_url: str, unique, spa
     finished = spans.get_finished_spans()
     producer = [s for s in finished if s.name == "publish BeaconLit"]
     process = [s for s in finished if s.name == "process BeaconLit"]
-    assert len(producer) == 1 and len(process) == 1
+    assert len(producer) == 1
+    assert len(process) == 1
     p, c = producer[0], process[0]
-    assert p.kind is SpanKind.PRODUCER and c.kind is SpanKind.CONSUMER
+    assert p.kind is SpanKind.PRODUCER
+    assert c.kind is SpanKind.CONSUMER
     assert c.context.trace_id == p.context.trace_id
-    assert c.parent is not None and c.parent.span_id == p.context.span_id
+    assert c.parent is not None
+    assert c.parent.span_id == p.context.span_id
     assert p.attributes["messaging.system"] == "rabbitmq"
     assert p.attributes["messaging.destination.name"] == "exchange.platform.events"
     assert p.attributes["messaging.rabbitmq.destination.routing_key"] == "beaconlit"
@@ -115,7 +118,8 @@ async def test_failure_and_retry_show_in_spans_and_metrics(amqp_url: str, unique
         await bus.wait_idle(5)
     process = [s for s in spans.get_finished_spans() if s.name == "process BeaconLit"]
     failed = [s for s in process if s.status.status_code is StatusCode.ERROR]
-    assert len(process) == 4 and len(failed) == 1
+    assert len(process) == 4
+    assert len(failed) == 1
     assert [e.name for e in failed[0].events] == ["exception", "retry"]
     labels = {"banyan.message.type": "BeaconLit", "messaging.consumer.group.name": group}
     assert counter("banyan.messages.published", **{"banyan.message.type": "BeaconLit"}) == (
@@ -180,8 +184,10 @@ async def test_log_lines_carry_context_and_correlation_chains(amqp_url: str, uni
         "attempt",
     ):
         assert field in line, f"{field} missing from {line}"
-    assert line["event_id"] == first and line["message_type"] == "UserJoined"
-    assert line["attempt"] == 1 and str(line["handler"]).endswith("send_welcome")
+    assert line["event_id"] == first
+    assert line["message_type"] == "UserJoined"
+    assert line["attempt"] == 1
+    assert str(line["handler"]).endswith("send_welcome")
     # One correlation id through the chain; each step caused by the one before.
     assert contexts["email"].id == first
     assert contexts["analytics"].correlation_id == contexts["email"].correlation_id
