@@ -219,11 +219,8 @@ async def test_version_dispatch_upcasting_and_unknown_version(bus_url: str, uniq
         await wait_until(
             lambda: len(VersionedInvoices.calls) == 2 and len(UpcastInvoices.calls) == 2
         )
-        sub = versioned._subscriptions[(versioned.service, "InvoiceIssued")]
-        for bus, sub in (
-            (versioned, sub),
-            (upcasting, upcasting._subscriptions[(upcasting.service, "InvoiceIssued")]),
-        ):
+        for bus in (versioned, upcasting):
+            [sub] = bus.subscriptions
             for _ in range(200):
                 state = await bus.transport.queue_state(sub.dlq_name)
                 if state is not None and state.messages == 1:
