@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import aio_pika
 import aiormq
+from aio_pika import RobustConnection
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -151,12 +153,57 @@ class _AmqpConsumer(Consumer):
             pass
 
 
+class _FailoverConnection(RobustConnection):
+    """aio-pika's robust connection, reconnecting to the next node of a cluster.
+
+    aio-pika reconnects to the URL it was given; with a node down for good that
+    never succeeds. ``Connection.connect`` reads ``self.url`` once per attempt, so
+    while disconnected each attempt after a failed one moves on to the next URL.
+    """
+
+    def failover_urls(self, urls: list[str], *, start: int) -> None:
+        self._banyan_urls = [URL(u) for u in urls]
+        self._banyan_index = start
+        self._banyan_rotated = time.monotonic()
+
+    @property
+    def url(self) -> URL:
+        urls: list[URL] | None = self.__dict__.get("_banyan_urls")
+        if not urls:
+            return cast(URL, self.__dict__["_banyan_url"])
+        connected = self.__dict__.get("connected")
+        now = time.monotonic()
+        if (
+            len(urls) > 1
+            and connected is not None
+            and not connected.is_set()
+            and now - self._banyan_rotated >= 0.8 * self.reconnect_interval
+        ):
+            self._banyan_index = (self._banyan_index + 1) % len(urls)
+            self._banyan_rotated = now
+        return urls[self._banyan_index]
+
+    @url.setter
+    def url(self, value: URL) -> None:
+        self.__dict__["_banyan_url"] = value
+
+
 class AmqpTransport(Transport):
     """A RabbitMQ connection. ``url`` is an ``amqp://`` or ``amqps://`` URL."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 10.0, name: str = "banyan") -> None:
-        self._url = url
-        self.display_url = mask_url(url)
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = 10.0,
+        name: str = "banyan",
+        reconnect_interval: float = 1.0,
+    ) -> None:
+        # Several comma-separated URLs name the nodes of one cluster.
+        self._urls = [u.strip() for u in url.split(",") if u.strip()]
+        self._url = self._urls[0] if self._urls else url
+        self.display_url = ",".join(mask_url(u) for u in self._urls) or mask_url(url)
+        self._reconnect_interval = reconnect_interval
         self._connect_timeout = connect_timeout
         self._name = name
         self._connection: AbstractRobustConnection | None = None
@@ -168,18 +215,27 @@ class AmqpTransport(Transport):
     # -- connection -----------------------------------------------------------------
 
     async def connect(self) -> None:
-        try:
-            self._connection = await aio_pika.connect_robust(
-                self._url,
-                timeout=self._connect_timeout,
+        errors: list[str] = []
+        for index, url in enumerate(self._urls):
+            connection = _FailoverConnection(
+                URL(url),
                 client_properties={"connection_name": self._name},
+                reconnect_interval=self._reconnect_interval,
             )
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            connection.failover_urls(self._urls, start=index)
+            try:
+                await connection.connect(timeout=self._connect_timeout)
+            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                errors.append(f"{mask_url(url)}: {type(exc).__name__}: {str(exc) or 'no answer'}")
+                await connection.close()
+                continue
+            self._connection = connection
+            break
+        else:
             raise BrokerUnreachable(
-                f"cannot connect to RabbitMQ at {self.display_url}: "
-                f"{type(exc).__name__}: {str(exc) or 'no answer'}. Is the broker running and "
-                f"are the host, port, vhost and credentials right?"
-            ) from exc
+                f"cannot connect to RabbitMQ at {'; '.join(errors)}. Is the broker running "
+                f"and are the host, port, vhost and credentials right?"
+            )
         self._confirm_channel = await self._connection.channel(publisher_confirms=True)
         self._plain_channel = await self._connection.channel(publisher_confirms=False)
         self._topology_channel = await self._connection.channel(publisher_confirms=False)
