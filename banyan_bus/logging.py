@@ -51,7 +51,7 @@ def configure(*, json: bool | None = None, level: int | str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_safe_logger,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -66,6 +66,23 @@ def configure(*, json: bool | None = None, level: int | str = "INFO") -> None:
     root.setLevel(numeric)
     logging.getLogger("aiormq").setLevel(max(numeric, logging.WARNING))
     logging.getLogger("aio_pika").setLevel(max(numeric, logging.WARNING))
+
+
+class _SafePrintLogger(structlog.PrintLogger):
+    """Never lets a log line fail the code that logs: a closed pipe (``| head``) or a
+    full disk must not turn a handled message into a retried one."""
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except OSError:
+            pass
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+def _safe_logger(*args: Any) -> _SafePrintLogger:
+    return _SafePrintLogger(sys.stderr)
 
 
 def _keep_exc_info(_: Any, __: str, event_dict: Any) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from banyan_bus import CommandHandler, Logger, MessageBus
 from contracts.orders import OrderPlaced, PlaceOrder
-from examples.wiring import with_handlers
 
 SERVICE = "order-service"
 
@@ -33,7 +32,9 @@ class PlaceOrderHandler:
 
 
 def create_bus(url: str | None = None) -> MessageBus:
-    return with_handlers(MessageBus(SERVICE, url), PlaceOrderHandler)
+    bus = MessageBus(SERVICE, url)
+    bus.include(PlaceOrderHandler)
+    return bus
 
 
 bus = create_bus()

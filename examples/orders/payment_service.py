@@ -20,7 +20,6 @@ from dishka import Provider, Scope, provide
 
 from banyan_bus import EventHandler, Logger, MessageBus
 from contracts.orders import OrderPlaced, PaymentProcessed
-from examples.wiring import with_handlers
 
 SERVICE = "payment-service"
 
@@ -60,7 +59,9 @@ class ChargeOrder:
 
 
 def create_bus(url: str | None = None) -> MessageBus:
-    return with_handlers(MessageBus(SERVICE, url, providers=[PaymentsProvider()]), ChargeOrder)
+    bus = MessageBus(SERVICE, url, providers=[PaymentsProvider()])
+    bus.include(ChargeOrder)
+    return bus
 
 
 bus = create_bus()

@@ -27,7 +27,6 @@ from dishka import Provider, Scope, provide
 
 from banyan_bus import EventHandler, Logger, MessageBus, RetryPolicy
 from contracts.orders import OrderPlaced, OrderShipped, PaymentProcessed
-from examples.wiring import with_handlers
 
 SERVICE = "shipping-service"
 
@@ -83,7 +82,8 @@ class ShipOrder:
 
 def create_bus(url: str | None = None) -> MessageBus:
     bus = MessageBus(SERVICE, url, providers=[ShippingProvider()])
-    return with_handlers(bus, RecordPayment, ShipOrder)
+    bus.include(RecordPayment, ShipOrder)
+    return bus
 
 
 bus = create_bus()

@@ -16,7 +16,6 @@ import structlog
 
 from banyan_bus import MessageBus, MessageContext
 from contracts.users import EmailSent, UserCreated
-from examples.wiring import with_subscription
 
 SERVICE = "analytics-service"
 
@@ -47,8 +46,9 @@ def create_bus(url: str | None = None) -> MessageBus:
         stats.emails_by_template[event.template] += 1
         log.info("email_counted", template=event.template, total=stats.emails_by_template.total())
 
-    with_subscription(bus, UserCreated, count_signup)
-    return with_subscription(bus, EmailSent, count_email)
+    bus.handler(UserCreated)(count_signup)
+    bus.handler(EmailSent)(count_email)
+    return bus
 
 
 bus = create_bus()

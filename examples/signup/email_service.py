@@ -14,7 +14,6 @@ from dishka import Provider, Scope, provide
 
 from banyan_bus import EventHandler, Logger, MessageBus
 from contracts.users import EmailSent, UserCreated
-from examples.wiring import with_handlers
 
 SERVICE = "email-service"
 
@@ -62,7 +61,8 @@ class SendWelcomeEmail:
 
 def create_bus(url: str | None = None) -> MessageBus:
     bus = MessageBus(SERVICE, url, providers=[EmailProvider()])
-    return with_handlers(bus, SendWelcomeEmail)
+    bus.include(SendWelcomeEmail)
+    return bus
 
 
 bus = create_bus()

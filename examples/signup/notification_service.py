@@ -17,7 +17,6 @@ from dishka import Provider, Scope, provide
 
 from banyan_bus import EventHandler, Logger, MessageBus, RetryPolicy
 from contracts.users import UserCreated
-from examples.wiring import with_handlers
 
 SERVICE = "notification-service"
 
@@ -59,7 +58,8 @@ class NotifyAdmins:
 
 def create_bus(url: str | None = None) -> MessageBus:
     bus = MessageBus(SERVICE, url, providers=[NotifierProvider()])
-    return with_handlers(bus, NotifyAdmins)
+    bus.include(NotifyAdmins)
+    return bus
 
 
 bus = create_bus()

@@ -15,7 +15,6 @@ from dishka import Provider, Scope, provide
 
 from banyan_bus import CommandHandler, Logger, MessageBus, QueryHandler
 from contracts.users import CreateUser, GetUser, UserCreated, UserView
-from examples.wiring import with_handlers
 
 SERVICE = "user-service"
 
@@ -102,7 +101,8 @@ class GetUserHandler:
 def create_bus(url: str | None = None) -> MessageBus:
     """The service's bus (URL from ``url``, else ``BANYAN_URL``, else ``memory://``)."""
     bus = MessageBus(SERVICE, url, providers=[UsersProvider()])
-    return with_handlers(bus, CreateUserHandler, GetUserHandler)
+    bus.include(CreateUserHandler, GetUserHandler)
+    return bus
 
 
 bus = create_bus()

@@ -12,7 +12,6 @@ import asyncio
 import structlog
 
 from banyan_bus import Event, MessageBus, MessageContext, RetryPolicy
-from examples.wiring import with_subscription
 
 SERVICE = "slow-service"
 
@@ -40,11 +39,5 @@ async def work(event: WorkRequested, ctx: MessageContext) -> None:
 
 # One at a time and one unacked at a time: a second job waits in the queue, where
 # a test can count it after shutdown.
-bus = with_subscription(
-    MessageBus(SERVICE),
-    WorkRequested,
-    work,
-    concurrency=1,
-    prefetch=1,
-    retry=RetryPolicy.none(),
-)
+bus = MessageBus(SERVICE)
+bus.handler(WorkRequested, concurrency=1, prefetch=1, retry=RetryPolicy.none())(work)
