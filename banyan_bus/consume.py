@@ -23,7 +23,8 @@ import asyncio
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -129,6 +130,50 @@ class _Failure(Exception):
 BUSY_RETRY_DELAY_S = 5.0
 
 
+class HandlerTasks:
+    """The tasks handling one consumer's deliveries.
+
+    Shutdown waits for them (the grace period), then cancels the rest; a
+    cancelled handler returns its message to the queue, so nothing is lost.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            yield
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until none is running; False if ``timeout`` passed first."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._tasks:
+                    await asyncio.wait(set(self._tasks))
+        except TimeoutError:
+            return False
+        return True
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def cancel_and_wait(self) -> None:
+        self.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+
 class SubscriptionConsumer:
     """Runs one subscription on one transport connection."""
 
@@ -153,7 +198,7 @@ class SubscriptionConsumer:
         self._ensure_delays = ensure_delays
         self._semaphore = asyncio.Semaphore(subscription.concurrency)
         self._consumers: list[Consumer] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = HandlerTasks()
         # Ordered subscriptions: deliveries waiting behind a running one of the same key.
         self._chains: dict[str, deque[Delivery]] = {}
         self._warned_priority = False
@@ -182,32 +227,18 @@ class SubscriptionConsumer:
         return len(self._tasks)
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no delivery is being handled; False if ``timeout`` passed first."""
-        try:
-            async with asyncio.timeout(timeout):
-                while self._tasks:
-                    await asyncio.wait(set(self._tasks))
-        except TimeoutError:
-            return False
-        return True
+        return await self._tasks.wait_idle(timeout)
 
     async def cancel_in_flight(self) -> None:
-        """Cancel handlers still running at the end of the grace period.
-
-        Their deliveries are returned to the queue (nack with requeue), so
-        another instance handles them; nothing is lost.
-        """
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        await self._tasks.cancel_and_wait()
 
     # -- per delivery ---------------------------------------------------------------
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        with self._tasks.track():
+            await self._on_delivery_tracked(delivery)
+
+    async def _on_delivery_tracked(self, delivery: Delivery) -> None:
         try:
             async with self._semaphore:
                 if delivery.stale:
@@ -221,16 +252,12 @@ class SubscriptionConsumer:
             self._log.exception("consumer_error", message_id=delivery.message_id)
             if not delivery.settled:
                 await self._safe(delivery.nack(requeue=True), delivery)
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
 
     def _connection_lost(self) -> None:
         """The broker hands our unacked messages to another instance now: stop
         handling them here, or a key's next event could run there before this
         one finished here."""
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
 
     async def _on_ordered_delivery(self, delivery: Delivery) -> None:
         """Per key, one at a time, in delivery order; other keys run concurrently.

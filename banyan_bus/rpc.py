@@ -23,6 +23,7 @@ import structlog
 from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
+from banyan_bus.consume import HandlerTasks
 from banyan_bus.contracts import ContractRegistry, Message, routing_key_for
 from banyan_bus.envelope import DecodeError, decode, encode
 from banyan_bus.errors import BanyanError, RemoteHandlerError, RequestTimeout, Unroutable
@@ -168,7 +169,7 @@ class CommandConsumer:
         self._timeout = timeout
         self._context_factory = context_factory
         self._consumer: Consumer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = HandlerTasks()
 
     async def start(self) -> None:
         await apply(self._transport, command_plan(self.message_type))
@@ -183,34 +184,20 @@ class CommandConsumer:
             await consumer.cancel()
 
     async def wait_idle(self, timeout: float | None) -> bool:
-        try:
-            async with asyncio.timeout(timeout):
-                while self._tasks:
-                    await asyncio.wait(set(self._tasks))
-        except TimeoutError:
-            return False
-        return True
+        return await self._tasks.wait_idle(timeout)
 
     async def cancel_in_flight(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        await self._tasks.cancel_and_wait()
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            async with self._semaphore:
-                await self._handle(delivery)
-        except asyncio.CancelledError:
-            if not delivery.settled:
-                await delivery.nack(requeue=True)
-            raise
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
+        with self._tasks.track():
+            try:
+                async with self._semaphore:
+                    await self._handle(delivery)
+            except asyncio.CancelledError:
+                if not delivery.settled and not delivery.stale:
+                    await delivery.nack(requeue=True)
+                raise
 
     async def _handle(self, delivery: Delivery) -> None:
         try:

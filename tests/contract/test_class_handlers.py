@@ -31,17 +31,17 @@ from banyan_bus import (
 from tests.support import duplicates, wait_until
 
 
-class InvoiceIssued(Event):
+class InvoiceBooked(Event):
     invoice_id: str
     fail: bool = False
 
 
-class InvoiceIssuedV2(Event, name="InvoiceIssued", version=2):
+class InvoiceBookedV2(Event, name="InvoiceBooked", version=2):
     invoice_id: str
     currency: str = "EUR"
 
 
-class InvoiceIssuedV3(Event, name="InvoiceIssued", version=3):
+class InvoiceBookedV3(Event, name="InvoiceBooked", version=3):
     invoice_id: str
     currency: str
     lines: int
@@ -101,7 +101,7 @@ def services(tracking: Tracking) -> Provider:
     return Sessions(), provider  # type: ignore[return-value]
 
 
-@EventHandler(InvoiceIssued, retry=RetryPolicy.none())
+@EventHandler(InvoiceBooked, retry=RetryPolicy.none())
 class BookInvoice:
     seen: list[tuple[str, int, int, str]] = []
 
@@ -114,7 +114,7 @@ class BookInvoice:
         self.log = log
         assert isinstance(bus, MessageBus)
 
-    async def handle(self, event: InvoiceIssued) -> None:
+    async def handle(self, event: InvoiceBooked) -> None:
         self.log.info("booking", invoice=event.invoice_id)
         self.seen.append((event.invoice_id, id(self.ledger), self.session.id, self.ctx.id))
         self.ledger.entries.append(event.invoice_id)
@@ -129,7 +129,7 @@ async def test_singleton_and_per_message_dependencies(bus_url: str, unique) -> N
     await bus.register(BookInvoice)
     async with bus:
         for i in range(5):
-            await bus.publish(InvoiceIssued(invoice_id=f"inv{i}", fail=(i == 2)))
+            await bus.publish(InvoiceBooked(invoice_id=f"inv{i}", fail=(i == 2)))
         await wait_until(lambda: len(BookInvoice.seen) == 5)
         await wait_until(lambda: all(s.closed for s in tracking.sessions))
     ledgers = {ledger for _, ledger, _, _ in BookInvoice.seen}
@@ -145,12 +145,12 @@ class Unregistered:
     pass
 
 
-@EventHandler(InvoiceIssued)
+@EventHandler(InvoiceBooked)
 class NeedsSomethingMissing:
     def __init__(self, ledger: Ledger, missing: Unregistered) -> None:
         self.ledger = ledger
 
-    async def handle(self, event: InvoiceIssued) -> None:  # pragma: no cover - never built
+    async def handle(self, event: InvoiceBooked) -> None:  # pragma: no cover - never built
         pass
 
 
@@ -167,11 +167,11 @@ async def test_missing_dependency_fails_at_start(bus_url: str, unique) -> None:
 
 
 def test_handle_annotation_must_match_the_contract() -> None:
-    with pytest.raises(HandlerError, match="annotated with InvoiceIssuedV2"):
+    with pytest.raises(HandlerError, match="annotated with InvoiceBookedV2"):
 
-        @EventHandler(InvoiceIssued)
+        @EventHandler(InvoiceBooked)
         class Wrong:
-            async def handle(self, event: InvoiceIssuedV2) -> None:
+            async def handle(self, event: InvoiceBookedV2) -> None:
                 pass
 
 
@@ -180,28 +180,28 @@ def test_decorator_refuses_a_command_for_an_event_handler() -> None:
         EventHandler(OpenAccount)
 
 
-@EventHandler(InvoiceIssued)
+@EventHandler(InvoiceBooked)
 class VersionedInvoices:
     calls: list[tuple[str, str]] = []
 
-    async def handle_v1(self, event: InvoiceIssued) -> None:
+    async def handle_v1(self, event: InvoiceBooked) -> None:
         self.calls.append(("v1", event.invoice_id))
 
-    async def handle_v2(self, event: InvoiceIssuedV2, ctx: MessageContext) -> None:
+    async def handle_v2(self, event: InvoiceBookedV2, ctx: MessageContext) -> None:
         assert ctx.version == 2
         self.calls.append(("v2", f"{event.invoice_id}/{event.currency}"))
 
 
-@upcaster(InvoiceIssued, InvoiceIssuedV2)
-def invoice_v1_to_v2(old: InvoiceIssued) -> InvoiceIssuedV2:
-    return InvoiceIssuedV2(invoice_id=old.invoice_id, currency="EUR")
+@upcaster(InvoiceBooked, InvoiceBookedV2)
+def invoice_v1_to_v2(old: InvoiceBooked) -> InvoiceBookedV2:
+    return InvoiceBookedV2(invoice_id=old.invoice_id, currency="EUR")
 
 
-@EventHandler(InvoiceIssuedV2)
+@EventHandler(InvoiceBookedV2)
 class UpcastInvoices:
-    calls: list[InvoiceIssuedV2] = []
+    calls: list[InvoiceBookedV2] = []
 
-    async def handle(self, event: InvoiceIssuedV2) -> None:
+    async def handle(self, event: InvoiceBookedV2) -> None:
         self.calls.append(event)
 
 
@@ -213,9 +213,9 @@ async def test_version_dispatch_upcasting_and_unknown_version(bus_url: str, uniq
     upcasting = MessageBus(unique("upcasting"), bus_url, retry=RetryPolicy.none())
     await upcasting.register(UpcastInvoices)
     async with versioned, upcasting:
-        await versioned.publish(InvoiceIssued(invoice_id="a"))
-        await versioned.publish(InvoiceIssuedV2(invoice_id="b", currency="USD"))
-        await versioned.publish(InvoiceIssuedV3(invoice_id="c", currency="GBP", lines=2))
+        await versioned.publish(InvoiceBooked(invoice_id="a"))
+        await versioned.publish(InvoiceBookedV2(invoice_id="b", currency="USD"))
+        await versioned.publish(InvoiceBookedV3(invoice_id="c", currency="GBP", lines=2))
         await wait_until(
             lambda: len(VersionedInvoices.calls) == 2 and len(UpcastInvoices.calls) == 2
         )
