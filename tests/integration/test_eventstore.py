@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -315,3 +316,55 @@ async def test_two_relays_publish_every_row_in_stream_order(
         f"{len(duplicated)} re-sent after the kill; relays published "
         f"{doomed.published}+{restarted.published} (killed+restarted), {survivor.published}"
     )
+
+
+async def test_order_aggregate_rules_and_stale_save(open_store: StoreFactory) -> None:
+    from examples.orders.order_aggregate import Order, OrderRuleViolated
+
+    store = await open_store()
+    async with store.unit_of_work() as uow:
+        order = await Order.load(uow, "ord_1")
+        order.place(customer_id="c_1", total=Decimal("9.90"))
+        with pytest.raises(OrderRuleViolated):
+            order.ship(carrier="dhl", tracking_number="t1")
+        assert await order.save(uow) == 1
+    async with store.unit_of_work() as uow:
+        order = await Order.load(uow, "ord_1")
+        order.mark_paid(payment_id="pay_1", amount=Decimal("9.90"))
+        order.ship(carrier="dhl", tracking_number="t1")
+        assert await order.save(uow) == 3
+    stale = Order.from_events("ord_1", (await store.read_stream("order-ord_1"))[:1])
+    assert (stale.status, stale.version) == ("placed", 1)
+    stale.mark_paid(payment_id="pay_2", amount=Decimal("9.90"))
+    with pytest.raises(ConcurrencyError):
+        async with store.unit_of_work() as uow:
+            await stale.save(uow)
+    current = Order.from_events("ord_1", await store.read_stream("order-ord_1"))
+    assert (current.status, current.version, current.tracking_number) == ("shipped", 3, "t1")
+    assert current.uncommitted_events == []
+
+
+async def test_place_order_command_goes_through_the_outbox(
+    open_store: StoreFactory, memory_url: str
+) -> None:
+    from contracts.orders import OrderPlaced, PlaceOrder
+    from examples.orders.order_store_service import OrderStoreService
+
+    store = await open_store()
+    placed: list[tuple[str, str]] = []
+
+    async def on_placed(event: OrderPlaced, ctx: MessageContext) -> None:
+        placed.append((event.order_id, ctx.id))
+
+    listener = MessageBus("shipping-test", memory_url)
+    await listener.subscribe(OrderPlaced, on_placed)
+    async with listener, OrderStoreService(memory_url, store) as service:
+        command = PlaceOrder(order_id="ord_9", customer_id="c_9", total=Decimal("5"))
+        assert await listener.send(command, timeout=10) == "ord_9"
+        assert await listener.send(command, timeout=10) == "ord_9"  # a client retry
+        await wait_until(lambda: len(placed) == 1, timeout=10, what="OrderPlaced")
+        await asyncio.sleep(0.3)
+        stored = await service.store.read_stream("order-ord_9")
+    assert [e.message_type for e in stored] == ["OrderPlaced"]
+    assert placed == [("ord_9", stored[0].message_id)]
+    assert stored[0].metadata.causation_id is not None  # the PlaceOrder command caused it
