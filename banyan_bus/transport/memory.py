@@ -749,8 +749,17 @@ class MemoryBroker:
         self.connections: set[_Connection] = set()
         self.sequence = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Every publish to an exchange, in order, when ``recording`` (banyan_bus.testing).
+        self.recording = False
+        self.journal: list[tuple[str, str, OutgoingMessage]] = []
         #: Direct reply-to addresses: routing key on the default exchange -> callback.
         self.reply_routes: dict[str, Callable[[Delivery], None]] = {}
+
+    def busy(self) -> bool:
+        """Whether a consumed queue still holds work: ready messages or unacked ones."""
+        if any(connection.unacked for connection in self.connections):
+            return True
+        return any(queue.ready and queue.consumers for queue in self.queues.values())
 
     def close_all_connections(self) -> None:
         """Fault hook (``rabbitmqctl close_all_connections``): every transport's
@@ -851,6 +860,13 @@ def get_broker(url: str) -> MemoryBroker:
     if broker is None:
         broker = _brokers[name] = MemoryBroker(name)
     return broker
+
+
+def drop_broker(url: str) -> None:
+    """Close and forget the broker of ``url`` (a test's private broker)."""
+    broker = _brokers.pop(_broker_name(url), None)
+    if broker is not None:
+        broker.shutdown()
 
 
 def reset_brokers() -> None:
@@ -978,6 +994,8 @@ class MemoryTransport(Transport):
                 f"cannot publish to exchange {exchange!r} on {self.display_url}: it does not "
                 f"exist (NOT_FOUND); nothing was sent"
             )
+        if self.broker.recording:
+            self.broker.journal.append((exchange, routing_key, message))
         queues = self.broker.route(source, routing_key, message)
         if not queues and mandatory:
             raise Unroutable(
