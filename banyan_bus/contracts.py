@@ -241,12 +241,3 @@ class Query(Message):
 
     __message_kind__: ClassVar[MessageKind] = "query"
     _banyan_base: ClassVar[bool] = True
-
-
-def contract_key(cls: type[Message]) -> tuple[str, int]:
-    """``(message type, version)`` of a contract class."""
-    if cls.is_abstract_contract() or not hasattr(cls, "__message_type__"):
-        raise ContractError(
-            f"{cls.__name__} is not a concrete contract; subclass Event, Command or Query."
-        )
-    return cls.__message_type__, cls.__message_version__

@@ -24,8 +24,8 @@ from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
 from banyan_bus.consume import HandlerTasks
-from banyan_bus.contracts import ContractRegistry, Message, routing_key_for
-from banyan_bus.envelope import DecodeError, decode, encode
+from banyan_bus.contracts import ContractRegistry, routing_key_for
+from banyan_bus.envelope import DecodeError, decode
 from banyan_bus.errors import BanyanError, RemoteHandlerError, RequestTimeout, Unroutable
 from banyan_bus.handlers import HandlerSpec
 from banyan_bus.telemetry import Telemetry, fail
@@ -105,17 +105,11 @@ class Requester:
                     confirm=True,
                     mandatory=True,
                 )
-            except (Unroutable, BanyanError) as exc:
-                if (
-                    isinstance(exc, Unroutable)
-                    or "NOT_FOUND" in str(exc)
-                    or "not exist" in str(exc)
-                ):
-                    raise RequestTimeout(
-                        f"no service handles {message_type}: no queue is bound for it on "
-                        f"{COMMANDS_EXCHANGE!r} (is the owning service deployed?)"
-                    ) from exc
-                raise
+            except Unroutable as exc:
+                raise RequestTimeout(
+                    f"no service handles {message_type}: no queue is bound for it on "
+                    f"{COMMANDS_EXCHANGE!r} (is the owning service deployed?)"
+                ) from exc
             try:
                 async with asyncio.timeout(timeout):
                     reply = await future
@@ -287,20 +281,3 @@ class CommandConsumer:
             )
         except BanyanError as exc:  # the caller went away: its request times out
             log.warning("reply_failed", message_id=delivery.message_id, error=str(exc))
-
-
-def encode_request(
-    message: Message,
-    *,
-    service: str,
-    correlation_id: str | None,
-    causation_id: str | None,
-    max_size: int,
-) -> OutgoingMessage:
-    return encode(
-        message,
-        service_name=service,
-        correlation_id=correlation_id,
-        causation_id=causation_id,
-        max_size=max_size,
-    )

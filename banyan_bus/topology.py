@@ -172,7 +172,9 @@ Declaration = ExchangeDecl | QueueDecl | BindingDecl
 
 
 def root_plan() -> list[Declaration]:
-    return [ExchangeDecl(ROOT_EXCHANGE, "topic")]
+    """What every bus declares: the events root, and the commands exchange (so a
+    command nobody owns is refused as unroutable instead of closing the channel)."""
+    return [ExchangeDecl(ROOT_EXCHANGE, "topic"), ExchangeDecl(COMMANDS_EXCHANGE, "direct")]
 
 
 def group_plan(
