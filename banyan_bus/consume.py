@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from structlog.contextvars import bind_contextvars
 
 from banyan_bus.context import MessageContext, _current, current_context
 from banyan_bus.contracts import ContractRegistry, Message
@@ -347,7 +348,10 @@ class SubscriptionConsumer:
                 trace_id, span_id = span_ids(span)
                 if trace_id is None and envelope.trace_context is not None:
                     trace_id = envelope.trace_context.trace_id
-                with structlog.contextvars.bound_contextvars(
+                # Each delivery runs in its own task, whose context dies with it, so
+                # binding without a reset is safe and saves a context snapshot per
+                # message (an ordered chain rebinds every key for its next message).
+                bind_contextvars(
                     event_id=envelope.id,
                     message_type=envelope.message_type,
                     version=envelope.version,
@@ -357,8 +361,8 @@ class SubscriptionConsumer:
                     span_id=span_id,
                     service=self._service,
                     group=sub.group,
-                ):
-                    await self._run_handlers(delivery, envelope, ctx, handlers)
+                )
+                await self._run_handlers(delivery, envelope, ctx, handlers)
             if telemetry.enabled:
                 latency = (datetime.now(UTC) - envelope.timestamp).total_seconds()
                 telemetry.latency.record(max(latency, 0.0), self._labels)
@@ -428,11 +432,9 @@ class SubscriptionConsumer:
                 telemetry.in_flight.add(1, labels)
             deadline = asyncio.timeout(self.subscription.timeout)
             try:
-                with structlog.contextvars.bound_contextvars(
-                    handler=handler.name, attempt=ctx.attempt
-                ):
-                    async with deadline:
-                        await handler.invoke(payload, ctx)
+                bind_contextvars(handler=handler.name, attempt=ctx.attempt)
+                async with deadline:
+                    await handler.invoke(payload, ctx)
                 if telemetry.enabled:
                     telemetry.handled.add(1, labels)
                 return

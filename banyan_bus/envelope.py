@@ -11,7 +11,7 @@ message cannot be decoded, so the dead-letter queue can say so.
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -42,7 +42,8 @@ _ID_PREFIX = {"event": "evt_", "command": "cmd_", "query": "qry_"}
 
 
 def new_id(prefix: str) -> str:
-    return prefix + uuid.uuid4().hex
+    """``prefix`` + 32 random hex digits (a UUID's entropy without building a UUID)."""
+    return prefix + os.urandom(16).hex()
 
 
 def format_timestamp(ts: datetime) -> str:
