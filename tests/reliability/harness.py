@@ -213,16 +213,12 @@ def write_results(scenario: str, title: str, rows: dict[str, Any], notes: str = 
         "resumed after the longest pause that followed it (slowest group).\n"
     )
     text = RESULTS.read_text() if RESULTS.exists() else header
-    first = text.find("<!-- scenario:")
-    text = header + ("\n" + text[first:] if first >= 0 else "")
-    pattern = re.compile(
-        rf"<!-- scenario:{re.escape(scenario)} -->.*?<!-- /scenario:{re.escape(scenario)} -->",
-        re.S,
-    )
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    blocks = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"<!-- scenario:(\S+) -->.*?<!-- /scenario:\1 -->", text, re.S)
+    }
+    blocks[scenario] = block
+    text = header + "".join(f"\n{blocks[k]}\n" for k in sorted(blocks))
     RESULTS.write_text(text)
 
 

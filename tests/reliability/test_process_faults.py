@@ -154,6 +154,7 @@ async def test_consumer_killed_with_sigkill_mid_run(amqp_url: str, unique, tmp_p
     rows["handled by the replacement"] = len(second.handled()) if second else 0
     rows["result"] = result
     write_results("3-sigkill", "3. Consumer process killed with SIGKILL mid-run", rows)
+    assert in_flight_at_kill > 0, "nothing was in flight when the consumer was killed"
     assert_outcome(outcome, "SIGKILL")
     assert complete, result
 
