@@ -282,6 +282,7 @@ async def test_two_relays_publish_every_row_in_stream_order(
         doomed = KilledRelay(store_a, bus_a, kill_on=2, batch_size=10, poll_interval=0.02)
         survivor = OutboxRelay(store_b, bus_b, batch_size=10, poll_interval=0.02)
         assert await doomed.relay_once() == 10  # its first batch goes through
+        doomed.claimed.clear()
         dying = asyncio.create_task(doomed.relay_once())  # its second is published, then it dies
         await asyncio.wait_for(doomed.claimed.wait(), timeout=10)
         task_b = asyncio.create_task(survivor.run())  # the other relay works meanwhile
