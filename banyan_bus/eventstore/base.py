@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
@@ -355,6 +355,15 @@ class EventStore(ABC):
     @abstractmethod
     async def count_unsent(self) -> int:
         """How many outbox rows are not yet marked sent (monitoring, tests)."""
+
+    @abstractmethod
+    async def purge_sent(self, older_than: timedelta = timedelta(days=7)) -> int:
+        """Delete outbox rows marked sent more than ``older_than`` ago; return how many.
+
+        Sent rows are kept (not deleted at once) so an operator can see what was relayed
+        and when; run this now and then (a cron job, or a task beside the relay) to keep
+        the outbox table small. Events themselves are never deleted.
+        """
 
     async def append_to_stream(
         self,

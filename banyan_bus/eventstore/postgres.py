@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from banyan_bus.contracts import ContractRegistry
@@ -298,6 +299,15 @@ class PostgresEventStore(EventStore):
                 f"SELECT COUNT(*) FROM {self._s}.banyan_outbox WHERE sent_at IS NULL"
             )
             return int(n)
+
+    async def purge_sent(self, older_than: timedelta = timedelta(days=7)) -> int:
+        async with self._transaction() as conn:
+            status: str = await conn.execute(
+                f"DELETE FROM {self._s}.banyan_outbox "
+                "WHERE sent_at IS NOT NULL AND sent_at <= now() - $1::interval",
+                older_than,
+            )
+            return int(status.rsplit(" ", 1)[-1])  # "DELETE <n>"
 
 
 def _outbox_message(r: Any) -> OutboxMessage:

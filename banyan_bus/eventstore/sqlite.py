@@ -19,7 +19,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -276,6 +276,14 @@ class SqliteEventStore(EventStore):
             cursor = await conn.execute("SELECT COUNT(*) FROM banyan_outbox WHERE sent_at IS NULL")
             row = await cursor.fetchone()
             return int(row[0]) if row else 0
+
+    async def purge_sent(self, older_than: timedelta = timedelta(days=7)) -> int:
+        cutoff = (datetime.now(UTC) - older_than).isoformat()
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM banyan_outbox WHERE sent_at IS NOT NULL AND sent_at <= ?", (cutoff,)
+            )
+            return cursor.rowcount
 
 
 def _outbox_message(r: Any) -> OutboxMessage:

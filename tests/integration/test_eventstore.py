@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,11 @@ async def test_rolled_back_unit_of_work_publishes_nothing(
         stored_ids = [e.message_id for e in await store.read_stream("s")]
         assert sorted(received) == sorted([*stored_ids, noted])  # ids kept end to end
         assert await store.count_unsent() == 0
+        await store.append_to_stream("s", ticks("s", 4, 1), expected_version=3)  # unsent
+        assert await store.purge_sent(older_than=timedelta(days=1)) == 0  # too recent
+        assert await store.purge_sent(older_than=timedelta(0)) == 4  # sent rows only
+        assert await store.count_unsent() == 1
+        assert len(await store.read_stream("s")) == 4  # events are never purged
 
 
 async def test_killed_relay_resends_and_idempotent_consumer_acts_once(
