@@ -80,8 +80,11 @@ class OutboxRelay:
         return f"<OutboxRelay store={self.store!r} bus={self.bus!r}>"
 
     async def run(self) -> None:
-        """Relay until :meth:`stop`; returns after the batch in flight is committed."""
-        self._stopping.clear()
+        """Relay until :meth:`stop`; returns after the batch in flight is committed.
+
+        A relay runs once: after ``stop()`` (even one called before ``run`` started),
+        ``run`` returns at once; make a new relay to start again.
+        """
         failures = 0
         while not self._stopping.is_set():
             try:

@@ -260,11 +260,18 @@ class PostgresEventStore(EventStore):
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
         if self._pool is None:
             raise EventStoreError(f"{self!r} is not open: use `async with store:` or open()")
+        # Only the driver's own errors are translated; an OSError raised by the caller's
+        # code inside the block is theirs and passes through unchanged.
+        errors = (self._asyncpg.PostgresError, self._asyncpg.InterfaceError)
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 yield conn
-        except (OSError, self._asyncpg.PostgresError) as exc:
+        except errors as exc:
             raise EventStoreError(f"PostgreSQL transaction failed: {exc}") from exc
+        except OSError as exc:
+            if _raised_by_driver(exc):
+                raise EventStoreError(f"PostgreSQL connection failed: {exc}") from exc
+            raise
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
@@ -308,6 +315,16 @@ class PostgresEventStore(EventStore):
                 older_than,
             )
             return int(status.rsplit(" ", 1)[-1])  # "DELETE <n>"
+
+
+def _raised_by_driver(exc: BaseException) -> bool:
+    """Whether ``exc`` came through asyncpg (a lost or refused connection)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if "asyncpg" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _outbox_message(r: Any) -> OutboxMessage:

@@ -243,22 +243,39 @@ class SqliteEventStore(EventStore):
         if self._conn is None:
             raise EventStoreError(f"{self!r} is not open: use `async with store:` or open()")
         conn = self._conn
+        error = self._aiosqlite.Error
         async with self._lock:
-            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+            except error as exc:  # "database is locked" after busy_timeout, disk errors
+                raise EventStoreError(
+                    f"cannot start a transaction on {self.path!r}: {exc}"
+                ) from exc
             try:
                 yield conn
+            except error as exc:
+                await asyncio.shield(self._rollback(conn))
+                raise EventStoreError(f"SQLite refused the statement: {exc}") from exc
             except BaseException:
-                await asyncio.shield(conn.execute("ROLLBACK"))
+                await asyncio.shield(self._rollback(conn))
                 raise
-            await conn.execute("COMMIT")
+            try:
+                await conn.execute("COMMIT")
+            except error as exc:
+                await asyncio.shield(self._rollback(conn))
+                raise EventStoreError(f"cannot commit to {self.path!r}: {exc}") from exc
+
+    async def _rollback(self, conn: aiosqlite.Connection) -> None:
+        # Never leave the connection inside a transaction: the next BEGIN would fail.
+        try:
+            await conn.execute("ROLLBACK")
+        except self._aiosqlite.Error:
+            pass  # no transaction was open (SQLite already rolled it back)
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
-        try:
-            async with self._transaction() as conn:
-                yield _SqliteUnitOfWork(conn, self.contracts)
-        except self._aiosqlite.IntegrityError as exc:
-            raise EventStoreError(f"SQLite refused the write: {exc}") from exc
+        async with self._transaction() as conn:
+            yield _SqliteUnitOfWork(conn, self.contracts)
 
     @asynccontextmanager
     async def claim_outbox(self, limit: int) -> AsyncIterator[OutboxBatch]:

@@ -375,3 +375,27 @@ async def test_place_order_command_goes_through_the_outbox(
     assert [e.message_type for e in stored] == ["OrderPlaced"]
     assert placed == [("ord_9", stored[0].message_id)]
     assert stored[0].metadata.causation_id is not None  # the PlaceOrder command caused it
+
+
+async def test_callers_errors_pass_through_and_the_store_stays_usable(
+    open_store: StoreFactory,
+) -> None:
+    store = await open_store()
+
+    async def work_that_fails(error: Exception) -> None:
+        async with store.unit_of_work() as uow:
+            await uow.append("s", ticks("s", 1, 1))
+            raise error
+
+    for error in (OSError("disk full on the caller's side"), KeyError("k")):
+        with pytest.raises(type(error)):
+            await work_that_fails(error)
+    assert await store.append_to_stream("s", ticks("s", 1, 1), expected_version=0) == 1
+
+
+async def test_unreachable_postgres_is_an_event_store_error() -> None:
+    from banyan_bus.eventstore import EventStoreError
+
+    store = PostgresEventStore("postgresql://postgres@127.0.0.1:1/none", schema="x")
+    with pytest.raises(EventStoreError, match="cannot connect"):
+        await store.open()
