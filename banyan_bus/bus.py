@@ -749,6 +749,7 @@ class MessageBus:
         after: int | float | str | Any | None = None,
         partition_key: str | None = None,
         message_id: str | None = None,
+        causation_id: str | None = None,
     ) -> str: ...
 
     @overload
@@ -764,6 +765,7 @@ class MessageBus:
         after: int | float | str | Any | None = None,
         partition_key: str | None = None,
         message_id: str | None = None,
+        causation_id: str | None = None,
     ) -> str: ...
 
     async def publish(
@@ -778,6 +780,7 @@ class MessageBus:
         after: int | float | str | Any | None = None,
         partition_key: str | None = None,
         message_id: str | None = None,
+        causation_id: str | None = None,
     ) -> str:
         """Publish an event to every subscribed group; returns its message id.
 
@@ -788,13 +791,14 @@ class MessageBus:
         ``after`` delays delivery ("10 seconds", 1500 ms, an ISO time; at most a
         year). Publishing to a type nobody subscribes to is not an error.
         ``message_id`` reuses an id (a re-sent event keeps its identity, so
-        idempotent handlers run once); by default a new one is made.
+        idempotent handlers run once); by default a new one is made. Inside a
+        handler, correlation and causation ids are taken from the message being
+        handled unless given (an outbox relay gives the stored ones).
         """
         event = self._coerce(message, data)
         ctx = current_context()
-        causation_id = None
         if ctx is not None:
-            causation_id = ctx.id
+            causation_id = causation_id or ctx.id
             if correlation_id is None:
                 correlation_id = ctx.correlation_id
         delay_ms = parse_after(after) if after is not None else None

@@ -21,7 +21,9 @@ at the edge, chaining the original with ``raise ... from exc``.
     ├── RequestTimeout            a command/query got no answer in time
     ├── RemoteHandlerError        the remote command/query handler raised
     ├── IdempotencyStoreError     the idempotency store (Redis) did not answer
-    └── IdempotencyKeyBusy        another worker is handling this message right now
+    ├── IdempotencyKeyBusy        another worker is handling this message right now
+    └── EventStoreError           the event store's database failed
+        └── ConcurrencyError      a stream moved on since it was read (expected_version)
 """
 
 from __future__ import annotations
@@ -176,4 +178,29 @@ class IdempotencyKeyBusy(BanyanError):
         super().__init__(
             f"idempotency key {key!r} is claimed by another worker that is handling the same "
             f"message right now; try again later"
+        )
+
+
+class EventStoreError(BanyanError):
+    """The event store's database failed or is unreachable (a driver error, chained).
+
+    Retry later, or check the database URL/path; nothing of the failed call was committed.
+    """
+
+
+class ConcurrencyError(EventStoreError):
+    """The stream moved on since it was read: ``expected_version`` is not its version.
+
+    Another writer appended first. Nothing was written. Reload the aggregate from
+    ``read_stream``, re-apply the command, and append again (or give up and tell the
+    caller). ``actual`` is the stream's version when the append was refused.
+    """
+
+    def __init__(self, stream: str, expected: object, actual: int) -> None:
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"stream {stream!r} is at version {actual}, but the append expected "
+            f"{expected!r}: another writer appended first; reload the stream and retry"
         )

@@ -141,6 +141,7 @@ class OutboxRelay:
                     event,
                     message_id=row.message_id,
                     correlation_id=row.metadata.correlation_id,
+                    causation_id=row.metadata.causation_id,
                     partition_key=row.partition_key,
                     wait_for_confirmation=True,
                 )

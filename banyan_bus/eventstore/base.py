@@ -33,7 +33,7 @@ from typing import Any, Self
 from banyan_bus.context import current_context
 from banyan_bus.contracts import ContractRegistry, Event, Message, registry
 from banyan_bus.envelope import new_id
-from banyan_bus.errors import BanyanError, ContractError
+from banyan_bus.errors import ConcurrencyError, ContractError, EventStoreError
 
 __all__ = [
     "ANY",
@@ -66,31 +66,6 @@ NO_STREAM = StreamState.NO_STREAM
 ANY = StreamState.ANY
 
 ExpectedVersion = int | StreamState
-
-
-class EventStoreError(BanyanError):
-    """The event store's database failed or is unreachable (a driver error, chained).
-
-    Retry later, or check the database URL/path; nothing of the failed call was committed.
-    """
-
-
-class ConcurrencyError(EventStoreError):
-    """The stream moved on since it was read: ``expected_version`` is not its version.
-
-    Another writer appended first. Nothing was written. Reload the aggregate from
-    ``read_stream``, re-apply the command, and append again (or give up and tell the
-    caller). ``actual`` is the stream's version when the append was refused.
-    """
-
-    def __init__(self, stream: str, expected: ExpectedVersion, actual: int) -> None:
-        self.stream = stream
-        self.expected = expected
-        self.actual = actual
-        super().__init__(
-            f"stream {stream!r} is at version {actual}, but the append expected "
-            f"{expected!r}: another writer appended first; reload the stream and retry"
-        )
 
 
 @dataclass(frozen=True, slots=True)

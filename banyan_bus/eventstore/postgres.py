@@ -36,7 +36,7 @@ from banyan_bus.eventstore.base import (
 )
 
 if TYPE_CHECKING:
-    import asyncpg  # type: ignore[import-untyped]  # no stubs shipped; see asyncpg-stubs
+    import asyncpg
 
 __all__ = ["PostgresEventStore"]
 
