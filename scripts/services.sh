@@ -112,6 +112,38 @@ start_rabbitmq() {
     wait_until "${SERVICE_TIMEOUT}" "RabbitMQ on ${HOST}:${AMQP_PORT}" port_open "${AMQP_PORT}"
 }
 
+# The tests make a vhost per test. RabbitMQ 3.10 can wedge its vhost machinery (every
+# vhost create then hangs) after a vhost was deleted while a client reconnected into it;
+# only restarting the rabbit application clears that. Probe it, restart if wedged.
+vhost_probe() {
+    local name="banyan-probe-$$"
+    curl -fsS -m 20 -u "${MGMT_USER}:${MGMT_PASS}" -X PUT \
+        "http://${HOST}:${MGMT_PORT}/api/vhosts/${name}" >/dev/null 2>&1 || return 1
+    curl -fsS -m 20 -u "${MGMT_USER}:${MGMT_PASS}" -X DELETE \
+        "http://${HOST}:${MGMT_PORT}/api/vhosts/${name}" >/dev/null 2>&1
+}
+
+vhosts_ok() {
+    have curl || return 0
+    if vhost_probe; then
+        return 0
+    fi
+    if ! have rabbitmqctl; then
+        echo "rabbitmq: FAILED: creating a vhost hangs and rabbitmqctl is not here to restart it"
+        return 1
+    fi
+    log "rabbitmq: creating a vhost hangs; restarting the rabbit application"
+    timeout 300 rabbitmqctl stop_app >&2 || true
+    timeout 300 rabbitmqctl start_app >&2 || true
+    wait_until "${SERVICE_TIMEOUT}" "rabbitmqctl await_startup" rabbit_await || return 1
+    wait_until "${SERVICE_TIMEOUT}" "management API on ${HOST}:${MGMT_PORT}" mgmt_ok || return 1
+    if vhost_probe; then
+        return 0
+    fi
+    echo "rabbitmq: FAILED: creating a vhost still hangs after restarting the application"
+    return 1
+}
+
 ensure_rabbitmq() {
     local action
     if port_open "${AMQP_PORT}"; then
@@ -150,6 +182,7 @@ ensure_rabbitmq() {
         fi
     fi
     if wait_until "${SERVICE_TIMEOUT}" "management API on ${HOST}:${MGMT_PORT}" mgmt_ok; then
+        vhosts_ok || return 1
         echo "rabbitmq: ${action} on ${HOST}:${AMQP_PORT}; ${plugins};" \
             "management API answers on http://${HOST}:${MGMT_PORT}"
     else
