@@ -23,6 +23,7 @@ from banyan_bus import Event, MessageBus
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PUBLISH_TIMEOUT = 15.0  # one publish attempt (a confirm that never comes counts as failed)
 NUMBER_DEADLINE = 120.0  # give up (fail) if one number cannot be confirmed for this long
+PAUSE_STARTS_WITHIN = 5.0  # a fault's pause in handling starts within this many s of it
 
 
 class ReliabilityTicked(Event):
@@ -130,6 +131,7 @@ class Outcome:
     foreign: dict[str, list[int]]
     duplicates: dict[str, int]
     recovery: list[float | None]
+    longest_pause: dict[str, float] = field(default_factory=dict)
 
     @property
     def lost_total(self) -> int:
@@ -150,8 +152,9 @@ def analyse(
 ) -> Outcome:
     """Lost (confirmed but never handled), foreign (not published in this run, or handled by a
     bystander), duplicates; recovery after each fault = for each group, the end of the longest
-    pause in its handling between the fault and the next one (or 60 s), minus the fault time;
-    the slowest group counts. ``None``: a group handled nothing after the fault."""
+    pause in its handling that began within PAUSE_STARTS_WITHIN s of the fault (before the
+    next fault or 60 s), minus the fault time; the slowest group counts. ``None``: a group
+    handled nothing after the fault."""
     lost: dict[str, list[int]] = {}
     foreign: dict[str, list[int]] = {}
     dups: dict[str, int] = {}
@@ -172,14 +175,24 @@ def analyse(
             times = sorted(ht for _, ht in handled.get(group, []) if t - 0.5 <= ht < end)
             if not times:
                 break
-            gaps = [(b - a, b) for a, b in itertools.pairwise(times) if b > t]
+            # The pause the fault caused starts just before or shortly after it; a longer
+            # jitter gap later in the window is not it.
+            gaps = [
+                (b - a, b)
+                for a, b in itertools.pairwise(times)
+                if b > t and a <= t + PAUSE_STARTS_WITHIN
+            ]
             if not gaps:
                 per_group.append(0.0)
                 continue
             _, resumed = max(gaps)
             per_group.append(max(0.0, resumed - t))
         recovery.append(max(per_group) if len(per_group) == len(groups) else None)
-    return Outcome(lost, foreign, dups, recovery)
+    pauses: dict[str, float] = {}
+    for group in groups:
+        times = sorted(ht for _, ht in handled.get(group, []) if ht > 0)
+        pauses[group] = round(max((b - a for a, b in itertools.pairwise(times)), default=0.0), 2)
+    return Outcome(lost, foreign, dups, recovery, pauses)
 
 
 def fmt_recovery(values: list[float | None]) -> str:
@@ -246,6 +259,7 @@ def common_rows(
         "duplicates (per group)": f"{outcome.duplicates_total} {outcome.duplicates}",
         "handled by a group not meant to get it": sum(len(v) for v in outcome.foreign.values()),
         "recovery after each fault (s)": fmt_recovery(outcome.recovery),
+        "longest pause in handling over the run (s, per group)": outcome.longest_pause,
         "duration (s)": f"{seconds:.1f}",
     }
 

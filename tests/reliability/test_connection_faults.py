@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 
 import pytest
@@ -113,7 +114,17 @@ def _rabbitmqctl(*args: str, timeout: float = 120.0) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=timeout)
 
 
+@pytest.fixture
+def broker_restarted_afterwards() -> Iterator[None]:
+    """Belt and braces: whatever happens in the test (a timeout included), start the shared
+    broker's app again at teardown (``start_app`` on a running app is a no-op)."""
+    yield
+    subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120, check=False)
+    subprocess.run(["rabbitmqctl", "await_startup"], capture_output=True, timeout=180, check=False)
+
+
 @pytest.mark.timeout(240)
+@pytest.mark.usefixtures("broker_restarted_afterwards")
 async def test_broker_restart_mid_stream(amqp_url: str, unique) -> None:
     """``rabbitmqctl stop_app`` / ``start_app`` of the (shared) broker while 600 events go out
     at 60/s: quorum queues and persistent messages survive, clients reconnect, consumers
