@@ -23,14 +23,12 @@ import asyncio
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from structlog.contextvars import bind_contextvars
 
 from banyan_bus.context import MessageContext, _current, current_context
 from banyan_bus.contracts import ContractRegistry, Message
@@ -48,6 +46,7 @@ from banyan_bus.envelope import (
 from banyan_bus.errors import BanyanError
 from banyan_bus.handlers import HandlerSpec
 from banyan_bus.idempotency import Deduplicator, IdempotencyKeyBusy, IdempotencyStoreError
+from banyan_bus.logcontext import bind_handler_log_context, bind_message_log_context
 from banyan_bus.retry import RetryDecision, RetryPolicy
 from banyan_bus.telemetry import CONSUMER_GROUP, MESSAGE_TYPE, Telemetry, fail, span_ids
 from banyan_bus.topology import QueueOptions, dead_letter_queue, group_exchange, partition_queue
@@ -144,16 +143,15 @@ class HandlerTasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    @contextmanager
-    def track(self) -> Iterator[None]:
+    def add_current(self) -> asyncio.Task[Any] | None:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        try:
-            yield
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
+        return task
+
+    def discard(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._tasks.discard(task)
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until none is running; False if ``timeout`` passed first."""
@@ -236,8 +234,11 @@ class SubscriptionConsumer:
     # -- per delivery ---------------------------------------------------------------
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        with self._tasks.track():
+        task = self._tasks.add_current()
+        try:
             await self._on_delivery_tracked(delivery)
+        finally:
+            self._tasks.discard(task)
 
     async def _on_delivery_tracked(self, delivery: Delivery) -> None:
         try:
@@ -351,16 +352,16 @@ class SubscriptionConsumer:
                 # Each delivery runs in its own task, whose context dies with it, so
                 # binding without a reset is safe and saves a context snapshot per
                 # message (an ordered chain rebinds every key for its next message).
-                bind_contextvars(
-                    event_id=envelope.id,
-                    message_type=envelope.message_type,
-                    version=envelope.version,
-                    correlation_id=envelope.correlation_id,
-                    causation_id=envelope.causation_id,
-                    trace_id=trace_id,
-                    span_id=span_id,
-                    service=self._service,
-                    group=sub.group,
+                bind_message_log_context(
+                    envelope.id,
+                    envelope.message_type,
+                    envelope.version,
+                    envelope.correlation_id,
+                    envelope.causation_id,
+                    trace_id,
+                    span_id,
+                    self._service,
+                    sub.group,
                 )
                 await self._run_handlers(delivery, envelope, ctx, handlers)
             if telemetry.enabled:
@@ -432,7 +433,7 @@ class SubscriptionConsumer:
                 telemetry.in_flight.add(1, labels)
             deadline = asyncio.timeout(self.subscription.timeout)
             try:
-                bind_contextvars(handler=handler.name, attempt=ctx.attempt)
+                bind_handler_log_context(handler.name, ctx.attempt)
                 async with deadline:
                     await handler.invoke(payload, ctx)
                 if telemetry.enabled:

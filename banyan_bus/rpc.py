@@ -184,14 +184,16 @@ class CommandConsumer:
         await self._tasks.cancel_and_wait()
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        with self._tasks.track():
-            try:
-                async with self._semaphore:
-                    await self._handle(delivery)
-            except asyncio.CancelledError:
-                if not delivery.settled and not delivery.stale:
-                    await delivery.nack(requeue=True)
-                raise
+        task = self._tasks.add_current()
+        try:
+            async with self._semaphore:
+                await self._handle(delivery)
+        except asyncio.CancelledError:
+            if not delivery.settled and not delivery.stale:
+                await delivery.nack(requeue=True)
+            raise
+        finally:
+            self._tasks.discard(task)
 
     async def _handle(self, delivery: Delivery) -> None:
         try:

@@ -14,7 +14,7 @@ here beyond one attribute check: every microsecond per message shows.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -25,6 +25,7 @@ from banyan_bus.envelope import HEADER_TRACEPARENT, HEADER_TRACESTATE, TraceCont
 from banyan_bus.transport.base import Headers
 
 _SCOPE = "banyan_bus"
+_OFF: AbstractContextManager[None] = nullcontext()  # reusable: what a span is when tracing is off
 
 # Messaging semantic conventions (attribute names as the spec spells them).
 SYSTEM = "messaging.system"
@@ -95,7 +96,6 @@ class Telemetry:
 
     # -- producer -------------------------------------------------------------------
 
-    @contextmanager
     def publish_span(
         self,
         *,
@@ -105,11 +105,30 @@ class Telemetry:
         headers: Headers,
         kind: SpanKind = SpanKind.PRODUCER,
         operation: str = "publish",
-    ) -> Iterator[Span | None]:
+    ) -> AbstractContextManager[Span | None]:
         """A PRODUCER span; injects its context into ``headers`` (``traceparent``)."""
         if not self.enabled:
-            yield None
-            return
+            return _OFF  # no generator, no span: this runs for every publish
+        return self._publish_span(
+            message_type=message_type,
+            exchange=exchange,
+            routing_key=routing_key,
+            headers=headers,
+            kind=kind,
+            operation=operation,
+        )
+
+    @contextmanager
+    def _publish_span(
+        self,
+        *,
+        message_type: str,
+        exchange: str,
+        routing_key: str,
+        headers: Headers,
+        kind: SpanKind = SpanKind.PRODUCER,
+        operation: str = "publish",
+    ) -> Iterator[Span | None]:
         with self.tracer.start_as_current_span(
             f"{operation} {message_type}",
             kind=kind,
@@ -143,7 +162,6 @@ class Telemetry:
 
     # -- consumer -------------------------------------------------------------------
 
-    @contextmanager
     def process_span(
         self,
         *,
@@ -157,11 +175,38 @@ class Telemetry:
         envelope_trace: TraceContext | None,
         body_size: int,
         kind: SpanKind = SpanKind.CONSUMER,
-    ) -> Iterator[Span | None]:
+    ) -> AbstractContextManager[Span | None]:
         """A CONSUMER span, child of the publisher's span (from headers or envelope)."""
         if not self.enabled:
-            yield None
-            return
+            return _OFF
+        return self._process_span(
+            message_type=message_type,
+            version=version,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            group=group,
+            destination=destination,
+            headers=headers,
+            envelope_trace=envelope_trace,
+            body_size=body_size,
+            kind=kind,
+        )
+
+    @contextmanager
+    def _process_span(
+        self,
+        *,
+        message_type: str,
+        version: int,
+        message_id: str,
+        correlation_id: str | None,
+        group: str,
+        destination: str,
+        headers: Headers,
+        envelope_trace: TraceContext | None,
+        body_size: int,
+        kind: SpanKind = SpanKind.CONSUMER,
+    ) -> Iterator[Span | None]:
         parent = _extract(headers, envelope_trace)
         token = otel_context.attach(parent)
         try:
