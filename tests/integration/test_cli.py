@@ -404,3 +404,27 @@ def test_debug_shows_the_traceback() -> None:
     result = banyan("--debug", "publish", USERS, "UserCreated", "{not json")
     assert result.returncode != 0
     assert "Traceback" in result.stderr
+
+
+def test_dlq_show_and_replay_back_to_the_group(amqp_url: str, services: list[Service]) -> None:
+    slow = start(services, amqp_url, SLOW)
+    event_id = publish(amqp_url, SLOW, "WorkRequested", {"jobId": "broken", "fail": True})
+    slow.wait_for("dead_lettered", message_id=event_id)
+    slow.signal(signal.SIGTERM)
+    assert slow.wait() == 0, slow.output
+
+    shown = banyan("dlq", "show", SLOW, event_id, "--type", "WorkRequested", url=amqp_url)
+    assert shown.returncode == 0, shown.stderr
+    assert event_id in shown.stdout
+    assert "JobFailed" in shown.stdout
+    assert "handler-failed" in shown.stdout
+
+    replayed = banyan(
+        "dlq", "replay", SLOW, "--type", "WorkRequested", "--id", event_id, "--json", url=amqp_url
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    # Back in the group's own queue (its consumer is stopped), gone from the DLQ.
+    queue = group_exchange("slow-service", "WorkRequested")
+    dlq = dead_letter_queue("slow-service", "WorkRequested")
+    counts = asyncio.run(queue_counts(amqp_url, queue, dlq))
+    assert counts == {queue: 1, dlq: 0}
