@@ -231,9 +231,8 @@ async def test_sustained_load_with_faults_and_flat_memory(amqp_url: str, unique,
     rows["RSS growth after warm-up (bound)"] = f"{growth / 1024:+.1f} MiB ({bound / 1024:.1f})"
     rows["RSS samples (s: MiB)"] = ", ".join(f"{t:.0f}: {k / 1024:.1f}" for t, k in samples[::2])
     rows["result"] = result
-    write_results(
-        "6-soak", f"6. Sustained load ({SOAK_SECONDS} s, fault every {SOAK_FAULT_EVERY} s)", rows
-    )
+    title = f"6. Sustained load ({SOAK_SECONDS} s, fault every {SOAK_FAULT_EVERY} s)"
+    write_results(f"6-soak-{SOAK_SECONDS:04d}s", title, rows)
     assert_outcome(outcome, "soak")
     assert complete, result
     assert growth <= bound, result
