@@ -9,6 +9,8 @@ cluster scenario fails loudly, it is never skipped.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BASE = Path("/tmp/rmqc")
+LOCK = Path("/tmp/rmqc.lock")  # one cluster per machine: a second run waits for the first
+LOCK_WAIT = 240.0
 NODES = {"c1": (5701, 25701), "c2": (5702, 25702), "c3": (5703, 25703)}
 CTL_TIMEOUT = 120.0
 
@@ -83,6 +87,7 @@ def _await_node(short: str, within: float = 150.0) -> None:
 class Cluster:
     started: list[str] = field(default_factory=list)
     startup_seconds: float = 0.0
+    lock_fd: int | None = None
 
     def leader_of(self, queue: str, *, ask: str = "c1") -> str:
         """The node (``cN@localhost``) leading quorum queue ``queue``."""
@@ -98,8 +103,10 @@ def start_cluster() -> Cluster:
     """Start c1, c2, c3 and join c2/c3 to c1. Stops what it started if a step fails."""
     cluster = Cluster()
     began = time.monotonic()
+    cluster.lock_fd = _lock()
     for short, (port, dist) in NODES.items():
         if _port_open(port) or _port_open(dist):
+            _unlock(cluster)
             raise ClusterError(
                 f"port {port} or {dist} is already in use: another {short} node is running "
                 "(not started by this test run, so it is left alone); stop it and rerun"
@@ -173,4 +180,30 @@ def stop_cluster(cluster: Cluster) -> list[str]:
             subprocess.run(["kill", "-9", str(pid)], check=False)
     cluster.started.clear()
     shutil.rmtree(BASE, ignore_errors=True)
+    _unlock(cluster)
     return problems
+
+
+def _lock() -> int:
+    """Hold /tmp/rmqc.lock while our cluster lives (another run of the suite on this machine
+    waits up to LOCK_WAIT s, then fails loudly, instead of sharing ports and /tmp/rmqc)."""
+    fd = os.open(LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise ClusterError(
+                    f"another test run holds {LOCK} (its 3-node cluster) for over {LOCK_WAIT:.0f} s"
+                ) from None
+            time.sleep(1.0)
+
+
+def _unlock(cluster: Cluster) -> None:
+    if cluster.lock_fd is not None:
+        fcntl.flock(cluster.lock_fd, fcntl.LOCK_UN)
+        os.close(cluster.lock_fd)
+        cluster.lock_fd = None
