@@ -138,13 +138,13 @@ def _event_options(options: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def make_transport(url: str, *, name: str) -> Transport:
+def make_transport(url: str, *, name: str, publish_timeout: float = 30.0) -> Transport:
     """The transport for ``url``'s scheme: ``amqp(s)://`` or ``memory://``."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("amqp", "amqps"):
         from banyan_bus.transport.amqp import AmqpTransport
 
-        return AmqpTransport(url, name=name)
+        return AmqpTransport(url, name=name, publish_timeout=publish_timeout)
     if scheme == "memory":
         from banyan_bus.transport.memory import MemoryTransport
 
@@ -165,7 +165,9 @@ class MessageBus:
     Options: ``queue_type`` ("quorum" or "classic") for new subscriptions;
     ``retry`` the default ``RetryPolicy``; ``handler_timeout`` seconds (default
     120); ``max_message_size`` bytes of an encoded envelope (default 256 KiB);
-    ``grace_period`` seconds that ``stop()`` lets in-flight handlers finish.
+    ``grace_period`` seconds that ``stop()`` lets in-flight handlers finish;
+    ``publish_timeout`` seconds a publish waits for the broker's confirm (through a
+    reconnect, a memory alarm) before it raises ``PublishError``.
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class MessageBus:
         handler_timeout: float | None = DEFAULT_HANDLER_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         grace_period: float = 30.0,
+        publish_timeout: float = 30.0,
         providers: Sequence[Provider] = (),
         idempotency_store: IdempotencyStore | None = None,
         idempotency_ttl: float = DEFAULT_TTL,
@@ -197,6 +200,9 @@ class MessageBus:
             )
         self.max_message_size = max_message_size
         self.grace_period = grace_period
+        if publish_timeout <= 0:
+            raise ConfigurationError(f"publish_timeout must be > 0 seconds, got {publish_timeout}")
+        self.publish_timeout = publish_timeout
         self.idempotency_store: IdempotencyStore = idempotency_store or MemoryIdempotencyStore()
         self.idempotency_ttl = idempotency_ttl
         self.contracts = contracts or registry
@@ -252,7 +258,9 @@ class MessageBus:
             return
         if self._injector.needed:
             self._injector.build()  # fails here, before connecting, on a missing dependency
-        transport = make_transport(self.url, name=self.service)
+        transport = make_transport(
+            self.url, name=self.service, publish_timeout=self.publish_timeout
+        )
         self._telemetry = Telemetry(
             self.service, "memory" if self.url.startswith("memory") else "rabbitmq"
         )

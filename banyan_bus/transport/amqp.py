@@ -198,7 +198,9 @@ class AmqpTransport(Transport):
         connect_timeout: float = 10.0,
         name: str = "banyan",
         reconnect_interval: float = 1.0,
+        publish_timeout: float = 30.0,
     ) -> None:
+        self._publish_timeout = publish_timeout
         # Several comma-separated URLs name the nodes of one cluster.
         self._urls = [u.strip() for u in url.split(",") if u.strip()]
         self._url = self._urls[0] if self._urls else url
@@ -391,14 +393,17 @@ class AmqpTransport(Transport):
             expiration=None if message.expiration is None else str(message.expiration),
         )
         try:
-            underlay = await channel.get_underlay_channel()
-            result = await underlay.basic_publish(
-                message.body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-            )
+            # Bounded: a robust channel waits for a reconnect, a blocked connection
+            # (memory alarm) for the broker; neither may hang the caller forever.
+            async with asyncio.timeout(self._publish_timeout):
+                underlay = await channel.get_underlay_channel()
+                result = await underlay.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                )
         except aiormq.exceptions.DeliveryError as exc:
             raise BusCapacityExceeded(
                 f"the broker refused {message.message_type or 'a message'} "
