@@ -201,6 +201,8 @@ class SubscriptionConsumer:
         # Ordered subscriptions: deliveries waiting behind a running one of the same key.
         self._chains: dict[str, deque[Delivery]] = {}
         self._warned_priority = False
+        # Which handlers serve a version, worked out once per version, not per message.
+        self._by_version: dict[int, list[HandlerSpec]] = {}
         self._log = log.bind(group=subscription.group, message_type=subscription.message_type)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -309,7 +311,11 @@ class SubscriptionConsumer:
             )
             await self._dead_letter(delivery, err.reason, handler="", exc=err, attempt=1)
             return
-        handlers = [h for h in sub.handlers if h.serves(envelope.version)]
+        handlers = self._by_version.get(envelope.version)
+        if handlers is None:
+            handlers = self._by_version[envelope.version] = [
+                h for h in sub.handlers if h.serves(envelope.version)
+            ]
         if not handlers:
             served = sorted({v for h in sub.handlers for v in h.versions})
             err = DecodeError(
@@ -546,9 +552,11 @@ class SubscriptionConsumer:
     async def _come_back_later(
         self, delivery: Delivery, ctx: MessageContext, handler: str, done: list[str]
     ) -> None:
-        ctx.attempt -= 1  # not a failed attempt; _retry_later counts one up
         try:
-            await self._retry_later(delivery, ctx, BUSY_RETRY_DELAY_S, done)
+            # Not a failed attempt: the same attempt comes back, with no failure time.
+            await self._retry_later(
+                delivery, ctx, BUSY_RETRY_DELAY_S, done, next_attempt=ctx.attempt, failed=False
+            )
         except BanyanError as publish_error:
             self._log.error("retry_publish_failed", message_id=ctx.id, error=str(publish_error))
             await self._safe(delivery.nack(requeue=True), delivery)
@@ -556,12 +564,20 @@ class SubscriptionConsumer:
         await self._safe(delivery.ack(), delivery)
 
     async def _retry_later(
-        self, delivery: Delivery, ctx: MessageContext, delay_s: float, done: list[str]
+        self,
+        delivery: Delivery,
+        ctx: MessageContext,
+        delay_s: float,
+        done: list[str],
+        *,
+        next_attempt: int | None = None,
+        failed: bool = True,
     ) -> None:
         await self._ensure_delays()
         headers: Headers = dict(delivery.headers)
-        headers[HEADER_ATTEMPT] = ctx.attempt + 1
-        headers.setdefault(HEADER_FIRST_FAILURE, format_timestamp(datetime.now(UTC)))
+        headers[HEADER_ATTEMPT] = ctx.attempt + 1 if next_attempt is None else next_attempt
+        if failed:
+            headers.setdefault(HEADER_FIRST_FAILURE, format_timestamp(datetime.now(UTC)))
         if done:
             headers[HEADER_HANDLED] = list[HeaderValue](done)
         strip_death_headers(headers)

@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
 from banyan_bus.consume import HandlerTasks
+from banyan_bus.context import _current
 from banyan_bus.contracts import ContractRegistry, routing_key_for
 from banyan_bus.envelope import DecodeError, decode
 from banyan_bus.errors import BanyanError, RemoteHandlerError, RequestTimeout, Unroutable
@@ -211,8 +212,6 @@ class CommandConsumer:
             return
         ctx = self._context_factory(envelope, delivery)
         ctx.handler = self._handler.name
-        from banyan_bus.context import _current
-
         token = _current.set(ctx)
         try:
             with self._telemetry.process_span(
