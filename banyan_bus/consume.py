@@ -32,6 +32,7 @@ import structlog
 
 from banyan_bus.context import MessageContext, _current, current_context
 from banyan_bus.contracts import ContractRegistry, Message
+from banyan_bus.deadlines import Deadlines
 from banyan_bus.delay import delay_route
 from banyan_bus.envelope import (
     HEADER_ATTEMPT,
@@ -195,7 +196,16 @@ class SubscriptionConsumer:
         self._transport = transport
         self._registry = registry
         self._ensure_delays = ensure_delays
-        self._semaphore = asyncio.Semaphore(subscription.concurrency)
+        # The semaphore is skipped where it could never block: with automatic acks
+        # a delivery holds its prefetch slot until its handlers are done, so the
+        # prefetch already bounds how many run (manual acks can free it earlier).
+        bounded_by_prefetch = subscription.auto_ack and subscription.concurrency >= (
+            subscription.prefetch * len(subscription.queue_names)
+        )
+        self._semaphore = (
+            None if bounded_by_prefetch else asyncio.Semaphore(subscription.concurrency)
+        )
+        self._deadlines = None if subscription.timeout is None else Deadlines(subscription.timeout)
         self._consumers: list[Consumer] = []
         self._tasks = HandlerTasks()
         # Ordered subscriptions: deliveries waiting behind a running one of the same key.
@@ -236,18 +246,16 @@ class SubscriptionConsumer:
     # -- per delivery ---------------------------------------------------------------
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        task = self._tasks.add_current()
+        tasks = self._tasks
+        task = tasks.add_current()
         try:
-            await self._on_delivery_tracked(delivery)
-        finally:
-            self._tasks.discard(task)
-
-    async def _on_delivery_tracked(self, delivery: Delivery) -> None:
-        try:
-            async with self._semaphore:
-                if delivery.stale:
-                    return  # its connection is gone; the broker redelivers it elsewhere
-                await self._handle(delivery)
+            if self._semaphore is None:
+                if not delivery.stale:  # else its connection is gone: redelivered elsewhere
+                    await self._handle(delivery)
+            else:
+                async with self._semaphore:
+                    if not delivery.stale:
+                        await self._handle(delivery)
         except asyncio.CancelledError:
             if not delivery.settled and not delivery.stale:
                 await self._safe(delivery.nack(requeue=True), delivery)
@@ -256,6 +264,8 @@ class SubscriptionConsumer:
             self._log.exception("consumer_error", message_id=delivery.message_id)
             if not delivery.settled:
                 await self._safe(delivery.nack(requeue=True), delivery)
+        finally:
+            tasks.discard(task)
 
     def _connection_lost(self) -> None:
         """The broker hands our unacked messages to another instance now: stop
@@ -431,39 +441,53 @@ class SubscriptionConsumer:
         policy = self.subscription.retry
         ordered = self.subscription.ordered
         telemetry = self._telemetry
-        labels = {**self._labels, "banyan.handler": handler.name}
+        labels = {**self._labels, "banyan.handler": handler.name} if telemetry.enabled else None
+        deadlines = self._deadlines
+        task = asyncio.current_task() if deadlines is not None else None
         while True:
             ctx.handler = handler.name
-            started = time.perf_counter()
-            if telemetry.enabled:
+            bind_handler_log_context(handler.name, ctx.attempt)
+            started = 0.0
+            if labels is not None:
+                started = time.perf_counter()
                 telemetry.in_flight.add(1, labels)
-            deadline = asyncio.timeout(self.subscription.timeout)
+            cancelling = 0
+            if task is not None:
+                assert deadlines is not None
+                cancelling = task.cancelling()
+                deadlines.start(task)
             try:
-                bind_handler_log_context(handler.name, ctx.attempt)
-                async with deadline:
+                try:
                     await handler.invoke(payload, ctx)
-                if telemetry.enabled:
+                finally:
+                    # Always ends the attempt's deadline; a cancellation that was ours
+                    # is taken back (uncancel), like asyncio.timeout does.
+                    timed_out = (
+                        task is not None
+                        and deadlines is not None
+                        and deadlines.expired(task)
+                        and task.uncancel() <= cancelling
+                    )
+                if labels is not None:
                     telemetry.handled.add(1, labels)
                 return
-            except TimeoutError as exc:
-                error: BaseException = exc
-                reason = "handler-failed"
-                if deadline.expired():  # ours, not a TimeoutError the handler raised
-                    reason = "timeout"
-                    error = TimeoutError(
-                        f"handler {handler.name} ran past its timeout of "
-                        f"{self.subscription.timeout} s"
-                    )
-                    error.__cause__ = exc
-                    error.__traceback__ = exc.__traceback__
+            except asyncio.CancelledError as exc:
+                if not timed_out:
+                    raise
+                reason = "timeout"
+                error: BaseException = TimeoutError(
+                    f"handler {handler.name} ran past its timeout of {self.subscription.timeout} s"
+                )
+                error.__cause__ = exc
+                error.__traceback__ = exc.__traceback__
             except Exception as exc:
                 error = exc
                 reason = "handler-failed"
             finally:
-                if telemetry.enabled:
+                if labels is not None:
                     telemetry.in_flight.add(-1, labels)
                     telemetry.duration.record(time.perf_counter() - started, labels)
-            if telemetry.enabled:
+            if labels is not None:
                 telemetry.failed.add(1, labels)
             decision = policy.decide(ctx.attempt, error)
             in_place = decision.action == "retry_now" or (
@@ -472,7 +496,7 @@ class SubscriptionConsumer:
             if ctx.settled or not in_place:
                 raise _Failure(reason, handler.name, error, decision)
             fail(ctx._span, error, event="retry", attempt=ctx.attempt, delay_s=decision.delay_s)
-            if telemetry.enabled:
+            if labels is not None:
                 telemetry.retried.add(1, labels)
             self._log.info(
                 "retrying_in_place",

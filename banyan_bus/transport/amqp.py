@@ -13,21 +13,24 @@ aio-pika/aiormq errors are translated here and never escape.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import aio_pika
 import aiormq
+import structlog
 from aio_pika import RobustConnection
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from yarl import URL
 
@@ -40,6 +43,7 @@ from banyan_bus.errors import (
     TopologyMismatch,
     Unroutable,
 )
+from banyan_bus.transport.amqp_settle import ChannelSettler
 from banyan_bus.transport.base import (
     Arguments,
     Consumer,
@@ -53,6 +57,8 @@ from banyan_bus.transport.base import (
 )
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+
+log = structlog.get_logger("banyan_bus.transport.amqp")
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
@@ -72,9 +78,79 @@ def mask_url(url: str) -> str:
 
 
 class AmqpDelivery(Delivery):
-    __slots__ = ("_message", "_settled", "_transport")
+    """A delivery read straight from aiormq (no aio-pika message object, no extra task).
 
-    def __init__(self, message: AbstractIncomingMessage, transport: AmqpTransport) -> None:
+    Settling goes through the channel's ``ChannelSettler``: it returns at once,
+    and the frame goes out, coalesced with the others of this loop turn, right
+    after. Without a settler (direct reply-to, no-ack) the message is settled
+    on arrival.
+    """
+
+    __slots__ = ("_channel", "_settled", "_settler", "_tag")
+
+    def __init__(self, message: DeliveredMessage, settler: ChannelSettler | None) -> None:
+        props = message.header.properties
+        frame = message.delivery
+        super().__init__(
+            body=message.body,
+            headers=cast(Headers, props.headers or {}),
+            message_id=props.message_id,
+            correlation_id=props.correlation_id,
+            message_type=props.message_type,
+            timestamp=props.timestamp,
+            priority=props.priority,
+            content_type=props.content_type,
+            reply_to=props.reply_to,
+            redelivered=bool(getattr(frame, "redelivered", False)),
+            exchange=getattr(frame, "exchange", None) or "",
+            routing_key=getattr(frame, "routing_key", None) or "",
+        )
+        self._channel = message.channel
+        self._settler = settler
+        self._tag: int = getattr(frame, "delivery_tag", None) or 0
+        self._settled = settler is None
+        if settler is not None:
+            settler.delivered(self._tag)
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    @property
+    def stale(self) -> bool:
+        return bool(self._channel.is_closed)
+
+    def _settle(self, action: str) -> ChannelSettler:
+        if self._settled:
+            raise RuntimeError(f"cannot {action} message {self.message_id!r}: already settled")
+        self._settled = True
+        settler = self._settler
+        assert settler is not None  # a delivery without one is settled from the start
+        if settler.closed:
+            # The broker has already returned the message to its queue and will
+            # redeliver it. Nothing is lost, so this is not fatal.
+            raise PublishError(
+                f"cannot {action} message {self.message_id!r}: its channel is closed "
+                f"(the message will be redelivered)"
+            )
+        return settler
+
+    async def ack(self) -> None:
+        self._settle("ack").ack(self._tag)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        self._settle("nack").nack(self._tag, requeue=requeue)
+
+    async def reject(self) -> None:
+        self._settle("reject").reject(self._tag)
+
+
+class _ReplyDelivery(Delivery):
+    """A direct reply-to delivery: the broker settled it on arrival (no-ack)."""
+
+    __slots__ = ()
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
         super().__init__(
             body=message.body,
             headers=cast(Headers, message.headers),
@@ -89,62 +165,97 @@ class AmqpDelivery(Delivery):
             exchange=message.exchange or "",
             routing_key=message.routing_key or "",
         )
-        self._message = message
-        self._settled = False
-        self._transport = transport
 
     @property
     def settled(self) -> bool:
-        return self._settled
-
-    @property
-    def stale(self) -> bool:
-        return bool(self._message.channel.is_closed)
-
-    def _settle(self, action: str) -> None:
-        if self._settled:
-            raise RuntimeError(f"cannot {action} message {self.message_id!r}: already settled")
-        self._settled = True
+        return True
 
     async def ack(self) -> None:
-        self._settle("ack")
-        await self._transport._settle(self._message.ack())
+        raise RuntimeError(f"reply {self.message_id!r} was settled on arrival (no-ack)")
 
     async def nack(self, *, requeue: bool = True) -> None:
-        self._settle("nack")
-        await self._transport._settle(self._message.nack(requeue=requeue))
+        await self.ack()
 
     async def reject(self) -> None:
-        self._settle("reject")
-        await self._transport._settle(self._message.reject(requeue=False))
-
-
-class _ReplyDelivery(AmqpDelivery):
-    """A direct reply-to delivery: the broker settled it on arrival (no-ack)."""
-
-    __slots__ = ()
-
-    def __init__(self, message: AbstractIncomingMessage, transport: AmqpTransport) -> None:
-        super().__init__(message, transport)
-        self._settled = True
+        await self.ack()
 
 
 class _AmqpConsumer(Consumer):
+    """One basic.consume, on a robust channel of its own, renewed whenever it reopens.
+
+    Deliveries go from aiormq's per-delivery task straight to the callback
+    (aio-pika's consumer wrapper would build a message object and start a
+    second task per delivery).
+    """
+
     def __init__(
-        self, queue: AbstractQueue, tag: str, channel: AbstractChannel, transport: AmqpTransport
+        self,
+        queue: str,
+        callback: DeliveryCallback,
+        channel: AbstractRobustChannel,
+        transport: AmqpTransport,
     ) -> None:
         self._queue = queue
-        self._tag = tag
+        self._callback = callback
         self._channel = channel
         self._transport = transport
+        self._tag = f"banyan.{queue}.{os.urandom(8).hex()}"
+        self._cancelled = False
+        self._underlay: aiormq.abc.AbstractChannel | None = None
+        self._settler: ChannelSettler | None = None
+
+    async def start(self) -> None:
+        await self._consume()
+        self._channel.reopen_callbacks.add(self._reopened)
+
+    async def _consume(self) -> None:
+        underlay = await self._channel.get_underlay_channel()
+        settler = ChannelSettler(underlay)
+        callback = self._callback
+
+        async def on_message(message: DeliveredMessage) -> None:
+            await callback(AmqpDelivery(message, settler))
+
+        underlay.on_consumer_cancel_callbacks.add(self._broker_cancelled)
+        self._underlay, self._settler = underlay, settler
+        await underlay.basic_consume(self._queue, on_message, consumer_tag=self._tag)
+
+    async def _reopened(self, *_: Any) -> None:
+        if not self._cancelled:
+            await self._consume()
+
+    def _broker_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        """The broker ended our consumer (its queue was deleted, or it moved): start again
+        once the queue is there, as aio-pika's robust queues do."""
+        if frame.consumer_tag != self._tag or self._cancelled:
+            return
+        log.warning("consumer_cancelled_by_broker", queue=self._queue)
+        self._transport._spawn(self._resume())
+
+    async def _resume(self) -> None:
+        while not self._cancelled and self._transport._connection is not None:
+            await asyncio.sleep(self._transport._reconnect_interval)
+            if self._cancelled or await self._transport.queue_state(self._queue) is None:
+                continue
+            try:
+                await self._consume()
+            except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError):
+                continue
+            return
+
+    async def drain(self) -> None:
+        if self._settler is not None:
+            await self._settler.drain()
 
     async def cancel(self) -> None:
-        if self._transport._connection is None or self._channel.is_closed:
+        self._cancelled = True
+        self._channel.reopen_callbacks.discard(self._reopened)
+        underlay = self._underlay
+        if self._transport._connection is None or underlay is None or underlay.is_closed:
             return  # the connection is gone: the broker has cancelled it already
         try:
-            # A robust channel waits for a reconnect that may never come: bound it.
             async with asyncio.timeout(10):
-                await self._queue.cancel(self._tag)
+                await underlay.basic_cancel(self._tag)
         except (
             TimeoutError,
             aiormq.exceptions.AMQPError,
@@ -213,6 +324,9 @@ class AmqpTransport(Transport):
         self._plain_channel: AbstractChannel | None = None
         self._topology_channel: AbstractChannel | None = None
         self._topology_lock = asyncio.Lock()
+        self._consumers: set[_AmqpConsumer] = set()
+        self._get_settlers: dict[aiormq.abc.AbstractChannel, ChannelSettler] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- connection -----------------------------------------------------------------
 
@@ -244,6 +358,19 @@ class AmqpTransport(Transport):
 
     async def close(self) -> None:
         if self._connection is not None:
+            # Settlements are written a loop turn after the handler settled: get them
+            # on the wire first, or the broker would redeliver what was handled.
+            settlers = [*self._get_settlers.values()]
+            drains = [c.drain() for c in self._consumers] + [s.drain() for s in settlers]
+            try:
+                async with asyncio.timeout(5):
+                    await asyncio.gather(*drains, return_exceptions=True)
+            except TimeoutError:
+                log.warning("settle_drain_timeout", detail="closing with settlements unsent")
+            for task in self._background:
+                task.cancel()
+            self._consumers.clear()
+            self._get_settlers.clear()
             connection, self._connection = self._connection, None
             await connection.close()
 
@@ -440,17 +567,14 @@ class AmqpTransport(Transport):
 
     async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
         channel = await self._conn().channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=prefetch)
-        try:
-            q = await channel.get_queue(queue, ensure=True)
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise TopologyError(f"cannot consume {queue!r}: {_reply_text(exc)}") from exc
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            await callback(AmqpDelivery(message, self))
-
-        tag = await q.consume(on_message)
-        return _AmqpConsumer(q, tag, channel, self)
+        await channel.set_qos(prefetch_count=prefetch)  # the robust channel restores it
+        if not await self.queue_state(queue):
+            await channel.close()
+            raise TopologyError(f"cannot consume {queue!r}: the queue does not exist")
+        consumer = _AmqpConsumer(queue, callback, channel, self)
+        await consumer.start()
+        self._consumers.add(consumer)
+        return consumer
 
     async def start_replies(self, callback: Callable[[Delivery], None]) -> str:
         # Direct reply-to: consume the pseudo-queue, no-ack, on the channel that
@@ -461,7 +585,7 @@ class AmqpTransport(Transport):
         queue = await channel.get_queue(REPLY_TO, ensure=False)
 
         async def on_reply(message: AbstractIncomingMessage) -> None:
-            callback(_ReplyDelivery(message, self))
+            callback(_ReplyDelivery(message))
 
         await queue.consume(on_reply, no_ack=True)
         return REPLY_TO
@@ -470,21 +594,22 @@ class AmqpTransport(Transport):
         channel = self._plain_channel
         if channel is None:
             raise RuntimeError(f"transport to {self.display_url} is not connected")
-        q = await channel.get_queue(queue, ensure=False)
-        message = await q.get(fail=False)
-        return None if message is None else AmqpDelivery(message, self)
-
-    async def _settle(self, coro: Any) -> None:
+        underlay = await channel.get_underlay_channel()
+        settler = self._get_settlers.get(underlay)
+        if settler is None:
+            settler = self._get_settlers[underlay] = ChannelSettler(underlay)
         try:
-            await coro
-        except (
-            aiormq.exceptions.AMQPError,
-            aio_pika.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-        ) as exc:
-            # The channel is gone; the broker has already returned the message to its
-            # queue and will redeliver it. Nothing is lost, so this is not fatal.
-            raise PublishError(f"settle failed (message will be redelivered): {exc}") from exc
+            message = await underlay.basic_get(queue, no_ack=False)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyError(f"cannot get from {queue!r}: {_reply_text(exc)}") from exc
+        if not isinstance(message.delivery, spec.Basic.GetOk):
+            return None
+        return AmqpDelivery(message, settler)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 def _reply_text(exc: BaseException) -> str:
