@@ -32,7 +32,7 @@ import structlog
 
 from banyan_bus.context import MessageContext, _current, current_context
 from banyan_bus.contracts import ContractRegistry, Message
-from banyan_bus.deadlines import Deadlines
+from banyan_bus.deadlines import DeadlineExceeded, Deadlines
 from banyan_bus.delay import delay_route
 from banyan_bus.envelope import (
     HEADER_ATTEMPT,
@@ -443,7 +443,6 @@ class SubscriptionConsumer:
         telemetry = self._telemetry
         labels = {**self._labels, "banyan.handler": handler.name} if telemetry.enabled else None
         deadlines = self._deadlines
-        task = asyncio.current_task() if deadlines is not None else None
         while True:
             ctx.handler = handler.name
             bind_handler_log_context(handler.name, ctx.attempt)
@@ -451,35 +450,21 @@ class SubscriptionConsumer:
             if labels is not None:
                 started = time.perf_counter()
                 telemetry.in_flight.add(1, labels)
-            cancelling = 0
-            if task is not None:
-                assert deadlines is not None
-                cancelling = task.cancelling()
-                deadlines.start(task)
             try:
-                try:
+                if deadlines is None:
                     await handler.invoke(payload, ctx)
-                finally:
-                    # Always ends the attempt's deadline; a cancellation that was ours
-                    # is taken back (uncancel), like asyncio.timeout does.
-                    timed_out = (
-                        task is not None
-                        and deadlines is not None
-                        and deadlines.expired(task)
-                        and task.uncancel() <= cancelling
-                    )
+                else:
+                    await deadlines.bounded(handler.invoke(payload, ctx), f"handler {handler.name}")
                 if labels is not None:
                     telemetry.handled.add(1, labels)
                 return
-            except asyncio.CancelledError as exc:
-                if not timed_out:
-                    raise
+            except DeadlineExceeded as exc:
+                # Recorded as a plain TimeoutError, with the cancelled handler's stack.
+                cancelled = exc.__cause__
+                error: BaseException = TimeoutError(str(exc))
+                error.__cause__ = cancelled
+                error.__traceback__ = None if cancelled is None else cancelled.__traceback__
                 reason = "timeout"
-                error: BaseException = TimeoutError(
-                    f"handler {handler.name} ran past its timeout of {self.subscription.timeout} s"
-                )
-                error.__cause__ = exc
-                error.__traceback__ = exc.__traceback__
             except Exception as exc:
                 error = exc
                 reason = "handler-failed"

@@ -13,16 +13,28 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class DeadlineExceeded(TimeoutError):
+    """The limit passed while the awaited work ran; it was cancelled.
+
+    Its own class, so that a ``TimeoutError`` the work raised itself is not
+    mistaken for it.
+    """
 
 
 class Deadlines:
-    """The running attempts of one consumer, oldest first, with their deadlines.
+    """Work running under one fixed limit, oldest first, with its deadlines.
 
-    ``start`` before running a handler in the current task, ``expired`` after
-    it (always, also when it raised): True means this object cancelled the
-    task because the limit passed — the caller then turns the ``CancelledError``
-    into a timeout, as ``asyncio.timeout`` does.
+    ``await deadlines.bounded(work)`` runs ``work`` in the current task and
+    raises ``DeadlineExceeded`` if the limit passes first. A task runs one
+    bounded piece at a time (nested ones belong to other ``Deadlines``: a
+    publish inside a handler); a cancellation from elsewhere stays a
+    cancellation.
     """
 
     __slots__ = ("_expired", "_loop", "_running", "_timer", "limit")
@@ -35,6 +47,21 @@ class Deadlines:
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def bounded(self, work: Awaitable[T], what: str = "work") -> T:
+        task = asyncio.current_task()
+        assert task is not None, "Deadlines.bounded runs inside a task"
+        cancelling = task.cancelling()
+        self.start(task)
+        try:
+            return await work
+        except asyncio.CancelledError as exc:
+            if self.expired(task) and task.uncancel() <= cancelling:
+                raise DeadlineExceeded(f"{what} ran past its timeout of {self.limit} s") from exc
+            raise
+        finally:
+            if self.expired(task):  # the work swallowed our cancellation and returned
+                task.uncancel()
 
     def start(self, task: asyncio.Task[Any]) -> None:
         loop = self._loop

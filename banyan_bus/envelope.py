@@ -48,7 +48,9 @@ def new_id(prefix: str) -> str:
 
 def format_timestamp(ts: datetime) -> str:
     """``2025-11-15T10:30:00.123Z``: milliseconds, UTC, ``Z``."""
-    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    return ts.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 class TraceContext(BaseModel):
@@ -164,22 +166,21 @@ def encode(
         timestamp = datetime.now(UTC)
     if priority not in PRIORITY_LEVELS:
         raise ValueError(f"priority must be one of {sorted(PRIORITY_LEVELS)}, got {priority!r}")
-    meta: dict[str, Any] = {"routing": {"priority": priority}}
-    if metadata:
-        meta.update(metadata)
-    head = {
-        "id": message_id,
-        "correlationId": correlation_id,
-        "causationId": causation_id,
-        "traceContext": trace_context,
-        "timestamp": format_timestamp(timestamp),
-        "serviceName": service_name,
-        "messageType": message_type,
-        "version": version,
-        "metadata": meta,
-    }
+    tail = _envelope_tail(cls, service_name, priority, metadata)
     payload = cls.__pydantic_serializer__.to_json(message, by_alias=True)
-    body = json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"payload":' + payload + b"}"
+    # The head is written by hand (json.dumps of a dict cost 5 µs per publish);
+    # strings go through json's own escaper, so the bytes are what json.dumps writes.
+    body = (
+        (
+            f'{{"id":{_js(message_id)},"correlationId":{_js(correlation_id)},'
+            f'"causationId":{"null" if causation_id is None else _js(causation_id)},'
+            f'"traceContext":{"null" if trace_context is None else _compact(trace_context)},'
+            f'"timestamp":"{format_timestamp(timestamp)}",'
+        ).encode()
+        + tail
+        + payload
+        + b"}"
+    )
     if len(body) > max_size:
         raise PayloadTooLarge(message_type, len(body), max_size)
     amqp_headers: Headers = {HEADER_VERSION: version}
@@ -195,6 +196,34 @@ def encode(
         priority=PRIORITY_LEVELS[priority],
         content_type=CONTENT_TYPE,
     )
+
+
+_js = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (ensure_ascii)
+_tails: dict[tuple[type[Message], str, str], bytes] = {}
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _envelope_tail(
+    cls: type[Message], service_name: str, priority: str, metadata: dict[str, Any] | None
+) -> bytes:
+    """``"serviceName":…,"messageType":…,"version":…,"metadata":…,"payload":`` — the
+    same for every message of one contract, service and priority, so built once."""
+    key = (cls, service_name, priority)
+    tail = None if metadata else _tails.get(key)
+    if tail is None:
+        meta: dict[str, Any] = {"routing": {"priority": priority}}
+        if metadata:
+            meta.update(metadata)
+        tail = (
+            f'"serviceName":{_js(service_name)},"messageType":{_js(cls.__message_type__)},'
+            f'"version":{cls.__message_version__},"metadata":{_compact(meta)},"payload":'
+        ).encode()
+        if not metadata:
+            _tails[key] = tail
+    return tail
 
 
 def _header_int(headers: Headers, name: str) -> int | None:

@@ -34,6 +34,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from yarl import URL
 
+from banyan_bus.deadlines import Deadlines
 from banyan_bus.errors import (
     BrokerUnreachable,
     BusCapacityExceeded,
@@ -43,6 +44,7 @@ from banyan_bus.errors import (
     TopologyMismatch,
     Unroutable,
 )
+from banyan_bus.transport.amqp_properties import WireProperties
 from banyan_bus.transport.amqp_settle import ChannelSettler
 from banyan_bus.transport.base import (
     Arguments,
@@ -327,6 +329,9 @@ class AmqpTransport(Transport):
         self._consumers: set[_AmqpConsumer] = set()
         self._get_settlers: dict[aiormq.abc.AbstractChannel, ChannelSettler] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # The aiormq channel under each aio-pika one, while it is open.
+        self._underlays: dict[AbstractChannel, aiormq.abc.AbstractChannel] = {}
+        self._publish_deadlines = Deadlines(publish_timeout)
 
     # -- connection -----------------------------------------------------------------
 
@@ -507,30 +512,13 @@ class AmqpTransport(Transport):
         channel = self._confirm_channel if confirm else self._plain_channel
         if channel is None:
             raise PublishError(f"not connected to {self.display_url}; nothing was sent")
-        properties = spec.Basic.Properties(
-            content_type=message.content_type,
-            delivery_mode=2 if message.persistent else 1,
-            priority=message.priority,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            message_type=message.message_type,
-            headers=message.headers,  # type: ignore[arg-type]  # pamqp's FieldTable
-            expiration=None if message.expiration is None else str(message.expiration),
-        )
         try:
             # Bounded: a robust channel waits for a reconnect, a blocked connection
             # (memory alarm) for the broker; neither may hang the caller forever.
-            async with asyncio.timeout(self._publish_timeout):
-                underlay = await channel.get_underlay_channel()
-                result = await underlay.basic_publish(
-                    message.body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=mandatory,
-                )
+            result = await self._publish_deadlines.bounded(
+                self._basic_publish(channel, message, exchange, routing_key, mandatory, confirm),
+                "publish",
+            )
         except aiormq.exceptions.DeliveryError as exc:
             raise BusCapacityExceeded(
                 f"the broker refused {message.message_type or 'a message'} "
@@ -562,6 +550,30 @@ class AmqpTransport(Transport):
                 f"{message.message_type or 'message'} {message.message_id} published to "
                 f"{exchange!r} with routing key {routing_key!r} reached no queue"
             )
+
+    async def _basic_publish(
+        self,
+        channel: AbstractChannel,
+        message: OutgoingMessage,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool,
+        confirm: bool,
+    ) -> aiormq.abc.ConfirmationFrameType | None:
+        underlay = self._underlays.get(channel)
+        if underlay is None or underlay.is_closed:
+            underlay = self._underlays[channel] = await channel.get_underlay_channel()
+        properties = WireProperties(message)  # encoded here, in one pass
+        # With confirms, waiting for the socket to drain as well only adds a task
+        # switch per message: the confirmation comes after the bytes left anyway.
+        return await underlay.basic_publish(
+            message.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+            wait=not confirm,  # type: ignore[call-arg]  # aiormq.Channel has it; its ABC lags
+        )
 
     # -- consume --------------------------------------------------------------------
 

@@ -7,25 +7,20 @@ import time
 
 import pytest
 
-from banyan_bus.deadlines import Deadlines
+from banyan_bus.deadlines import DeadlineExceeded, Deadlines
 
 
 async def _attempt(deadlines: Deadlines, seconds: float) -> str:
     """An attempt as the consumer runs one; returns how it ended."""
-    task = asyncio.current_task()
-    assert task is not None
-    cancelling = task.cancelling()
-    deadlines.start(task)
     try:
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            timed_out = deadlines.expired(task) and task.uncancel() <= cancelling
-    except asyncio.CancelledError:
-        if timed_out:
-            return "timeout"
-        raise
-    return "done"
+        await deadlines.bounded(asyncio.sleep(seconds), "nap")
+    except DeadlineExceeded as exc:
+        cause, text = exc.__cause__, str(exc)
+    else:
+        return "done"
+    assert isinstance(cause, asyncio.CancelledError)
+    assert "nap ran past its timeout of" in text
+    return "timeout"
 
 
 async def test_each_attempt_is_cancelled_at_its_own_deadline() -> None:
@@ -61,6 +56,22 @@ async def test_a_cancellation_from_outside_is_not_a_timeout() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_work_that_swallows_the_cancellation_just_returns() -> None:
+    deadlines = Deadlines(0.1)
+
+    async def stubborn() -> str:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return "swallowed"
+        return "slept"
+
+    assert await deadlines.bounded(stubborn()) == "swallowed"
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0  # taken back, as asyncio.timeout does
 
 
 def test_the_limit_must_be_positive() -> None:
