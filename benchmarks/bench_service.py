@@ -4,7 +4,8 @@
 
 One subscription group consuming the pre-filled queue with a typed handler, as in
 workload 3. Configured by the environment ``workloads.py`` sets: ``BENCH_URL`` (the
-run's vhost), ``BENCH_QUEUE_TYPE``, ``BENCH_PREFETCH`` and ``BENCH_DIR``, where each
+run's vhost), ``BENCH_QUEUE_TYPE``, ``BENCH_PREFETCH``, ``BENCH_HANDLER_CPU_US`` (CPU
+time the handler burns per message, 0 by default) and ``BENCH_DIR``, where each
 worker process talks to the harness through files:
 
 * writes ``ready.<pid>`` once imported, then waits for ``go`` before handing its bus to
@@ -49,7 +50,20 @@ async def _report_progress(folder: Path) -> None:
         await asyncio.sleep(0.05)
 
 
+_BURN_S = int(os.environ.get("BENCH_HANDLER_CPU_US", "0")) / 1e6
+
+
+def _burn(seconds: float) -> None:
+    """CPU work a real handler would do (parsing, computing): the case worker processes
+    are for, since one process runs its handlers on one core."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
 async def handle(event: Any) -> None:
+    if _BURN_S:
+        _burn(_BURN_S)
     now = time.monotonic()
     if not _handled:
         _state["t_first"], _state["cpu_first"] = now, time.process_time()

@@ -115,6 +115,17 @@ WORKLOADS = (
         target="w2 ≥ 1.6x w1",
         kind="scaling",
     ),
+    Workload(
+        "6-workers-cpu",
+        "as 6, handler burns 1 ms of CPU per message",
+        "workers",
+        6000,
+        1000,
+        ("--prefetch", "100", "--handler-cpu-us", "1000"),
+        impls=("w1", "w2"),
+        target="w2 ≥ 1.6x w1",
+        kind="scaling",
+    ),
 )
 
 

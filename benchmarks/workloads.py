@@ -686,6 +686,7 @@ async def _workers_via_cli(
         "BENCH_DIR": str(folder),
         "BENCH_QUEUE_TYPE": impl.queue_type,
         "BENCH_PREFETCH": str(args.prefetch),
+        "BENCH_HANDLER_CPU_US": str(args.handler_cpu_us),
     }
     cmd = [sys.executable, "-m", "banyan_bus.cli", "--log-format", "json", "run"]
     cmd += ["bench_service:make_bus()", "--workers", str(k), "--grace", "10"]
@@ -884,6 +885,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=1000.0, help="latency: msg/s")
     p.add_argument("--warmup", type=int, default=500, help="latency: unmeasured first msgs")
     p.add_argument("--workers", type=int, default=1, help="workers: processes")
+    p.add_argument(
+        "--handler-cpu-us", type=int, default=0, help="workers: CPU µs the handler burns per msg"
+    )
     p.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
     p.add_argument("--url", help=argparse.SUPPRESS)  # helpers: the run's vhost URL
     p.add_argument("--vhost", help="vhost name (default: a new unique one)")
