@@ -609,6 +609,9 @@ class AmqpTransport(Transport):
         underlay = await channel.get_underlay_channel()
         settler = self._get_settlers.get(underlay)
         if settler is None:
+            # A reopened channel is a new one: forget the settlers of closed ones.
+            for old in [c for c in self._get_settlers if c.is_closed]:
+                del self._get_settlers[old]
             settler = self._get_settlers[underlay] = ChannelSettler(underlay)
         try:
             message = await underlay.basic_get(queue, no_ack=False)
