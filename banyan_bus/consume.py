@@ -205,7 +205,9 @@ class SubscriptionConsumer:
         self._semaphore = (
             None if bounded_by_prefetch else asyncio.Semaphore(subscription.concurrency)
         )
-        self._deadlines = None if subscription.timeout is None else Deadlines(subscription.timeout)
+        self._deadlines = (
+            None if subscription.timeout is None else Deadlines(subscription.timeout, "handler")
+        )
         self._consumers: list[Consumer] = []
         self._tasks = HandlerTasks()
         # Ordered subscriptions: deliveries waiting behind a running one of the same key.
@@ -454,7 +456,7 @@ class SubscriptionConsumer:
                 if deadlines is None:
                     await handler.invoke(payload, ctx)
                 else:
-                    await deadlines.bounded(handler.invoke(payload, ctx), f"handler {handler.name}")
+                    await deadlines.bounded(handler.invoke(payload, ctx), handler.name)
                 if labels is not None:
                     telemetry.handled.add(1, labels)
                 return

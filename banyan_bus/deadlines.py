@@ -37,18 +37,19 @@ class Deadlines:
     cancellation.
     """
 
-    __slots__ = ("_expired", "_loop", "_running", "_timer", "limit")
+    __slots__ = ("_expired", "_loop", "_running", "_timer", "kind", "limit")
 
-    def __init__(self, limit: float) -> None:
+    def __init__(self, limit: float, kind: str = "work") -> None:
         if limit <= 0:
             raise ValueError(f"a handler time limit must be > 0 seconds, got {limit!r}")
         self.limit = limit
+        self.kind = kind  # names the work in the timeout message: "handler", "publish"
         self._running: OrderedDict[asyncio.Task[Any], float] = OrderedDict()
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def bounded(self, work: Awaitable[T], what: str = "work") -> T:
+    async def bounded(self, work: Awaitable[T], name: str = "") -> T:
         task = asyncio.current_task()
         assert task is not None, "Deadlines.bounded runs inside a task"
         cancelling = task.cancelling()
@@ -57,6 +58,7 @@ class Deadlines:
             return await work
         except asyncio.CancelledError as exc:
             if self.expired(task) and task.uncancel() <= cancelling:
+                what = f"{self.kind} {name}" if name else self.kind
                 raise DeadlineExceeded(f"{what} ran past its timeout of {self.limit} s") from exc
             raise
         finally:

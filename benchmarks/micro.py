@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from banyan_bus import Event
 from banyan_bus.consume import Subscription, SubscriptionConsumer
 from banyan_bus.contracts import ContractRegistry
 from banyan_bus.envelope import encode
@@ -35,18 +34,10 @@ from banyan_bus.transport.base import Delivery, Headers
 from banyan_bus.transport.memory import MemoryTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import Payload, fields  # the benchmarks' own 1 KiB payload
+from workloads import Banyan, Payload, fields  # the benchmarks' own 1 KiB payload
 
-
-class MicroItemCreated(Event):
-    seq: int
-    uid: str
-    sent_at: float
-    source: str
-    tags: list[str]
-    data: str
-
-
+# The benchmarks' own contract (BenchItemCreated), as workload 3 consumes it.
+MicroItemCreated: Any = Banyan("memory://", "quorum").contract
 FIELDS: dict[str, Any] = fields(1)
 
 
@@ -67,7 +58,7 @@ class FakeDelivery(Delivery):
             content_type="application/json",
             reply_to=None,
             redelivered=False,
-            exchange="exchange.platform.events.bench.microitemcreated",
+            exchange="exchange.platform.events.bench.benchitemcreated",
             routing_key="",
         )
         self._settled = False

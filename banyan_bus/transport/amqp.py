@@ -26,7 +26,6 @@ import structlog
 from aio_pika import RobustConnection
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
@@ -147,47 +146,13 @@ class AmqpDelivery(Delivery):
         self._settle("reject").reject(self._tag)
 
 
-class _ReplyDelivery(Delivery):
-    """A direct reply-to delivery: the broker settled it on arrival (no-ack)."""
-
-    __slots__ = ()
-
-    def __init__(self, message: AbstractIncomingMessage) -> None:
-        super().__init__(
-            body=message.body,
-            headers=cast(Headers, message.headers),
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            message_type=message.type,
-            timestamp=message.timestamp,
-            priority=message.priority,
-            content_type=message.content_type,
-            reply_to=message.reply_to,
-            redelivered=bool(message.redelivered),
-            exchange=message.exchange or "",
-            routing_key=message.routing_key or "",
-        )
-
-    @property
-    def settled(self) -> bool:
-        return True
-
-    async def ack(self) -> None:
-        raise RuntimeError(f"reply {self.message_id!r} was settled on arrival (no-ack)")
-
-    async def nack(self, *, requeue: bool = True) -> None:
-        await self.ack()
-
-    async def reject(self) -> None:
-        await self.ack()
-
-
 class _AmqpConsumer(Consumer):
     """One basic.consume, on a robust channel of its own, renewed whenever it reopens.
 
     Deliveries go from aiormq's per-delivery task straight to the callback
     (aio-pika's consumer wrapper would build a message object and start a
-    second task per delivery).
+    second task per delivery). With ``no_ack`` (direct reply-to) the broker
+    settles on arrival, so deliveries get no settler.
     """
 
     def __init__(
@@ -196,8 +161,11 @@ class _AmqpConsumer(Consumer):
         callback: DeliveryCallback,
         channel: AbstractRobustChannel,
         transport: AmqpTransport,
+        *,
+        no_ack: bool = False,
     ) -> None:
         self._queue = queue
+        self._no_ack = no_ack
         self._callback = callback
         self._channel = channel
         self._transport = transport
@@ -212,7 +180,7 @@ class _AmqpConsumer(Consumer):
 
     async def _consume(self) -> None:
         underlay = await self._channel.get_underlay_channel()
-        settler = ChannelSettler(underlay)
+        settler = None if self._no_ack else ChannelSettler(underlay)
         callback = self._callback
 
         async def on_message(message: DeliveredMessage) -> None:
@@ -220,7 +188,9 @@ class _AmqpConsumer(Consumer):
 
         underlay.on_consumer_cancel_callbacks.add(self._broker_cancelled)
         self._underlay, self._settler = underlay, settler
-        await underlay.basic_consume(self._queue, on_message, consumer_tag=self._tag)
+        await underlay.basic_consume(
+            self._queue, on_message, consumer_tag=self._tag, no_ack=self._no_ack
+        )
 
     async def _reopened(self, *_: Any) -> None:
         if not self._cancelled:
@@ -331,7 +301,7 @@ class AmqpTransport(Transport):
         self._background: set[asyncio.Task[None]] = set()
         # The aiormq channel under each aio-pika one, while it is open.
         self._underlays: dict[AbstractChannel, aiormq.abc.AbstractChannel] = {}
-        self._publish_deadlines = Deadlines(publish_timeout)
+        self._publish_deadlines = Deadlines(publish_timeout, "publish")
 
     # -- connection -----------------------------------------------------------------
 
@@ -516,8 +486,7 @@ class AmqpTransport(Transport):
             # Bounded: a robust channel waits for a reconnect, a blocked connection
             # (memory alarm) for the broker; neither may hang the caller forever.
             result = await self._publish_deadlines.bounded(
-                self._basic_publish(channel, message, exchange, routing_key, mandatory, confirm),
-                "publish",
+                self._basic_publish(channel, message, exchange, routing_key, mandatory, confirm)
             )
         except aiormq.exceptions.DeliveryError as exc:
             raise BusCapacityExceeded(
@@ -594,12 +563,15 @@ class AmqpTransport(Transport):
         channel = self._confirm_channel
         if channel is None:
             raise RuntimeError(f"transport to {self.display_url} is not connected")
-        queue = await channel.get_queue(REPLY_TO, ensure=False)
 
-        async def on_reply(message: AbstractIncomingMessage) -> None:
-            callback(_ReplyDelivery(message))
+        async def on_reply(delivery: Delivery) -> None:
+            callback(delivery)
 
-        await queue.consume(on_reply, no_ack=True)
+        consumer = _AmqpConsumer(
+            REPLY_TO, on_reply, cast(AbstractRobustChannel, channel), self, no_ack=True
+        )
+        await consumer.start()
+        self._consumers.add(consumer)
         return REPLY_TO
 
     async def get(self, queue: str) -> Delivery | None:

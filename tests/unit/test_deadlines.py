@@ -19,7 +19,7 @@ async def _attempt(deadlines: Deadlines, seconds: float) -> str:
     else:
         return "done"
     assert isinstance(cause, asyncio.CancelledError)
-    assert "nap ran past its timeout of" in text
+    assert "work nap ran past its timeout of" in text  # the default kind, then the name
     return "timeout"
 
 
