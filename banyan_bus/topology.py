@@ -24,21 +24,58 @@ Delayed messages leave the delay levels (``delay.py``) through
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 from banyan_bus.contracts import routing_key_for
-from banyan_bus.delay import DELIVERY_EXCHANGE, MAX_LEVEL, delay_topology, destination_binding_key
+from banyan_bus.declarations import (
+    BindingDecl,
+    Declaration,
+    ExchangeDecl,
+    QueueDecl,
+    QueueType,
+    apply,
+    at_least_once_dead_lettering,
+)
+from banyan_bus.delay import (
+    DELAY_BITS_PATTERN,
+    DELIVERY_EXCHANGE,
+    delay_topology,
+    destination_binding_key,
+)
 from banyan_bus.envelope import PRIORITY_MAX
 from banyan_bus.errors import ConfigurationError
-from banyan_bus.transport.base import ExchangeType, HeaderValue, Transport
+from banyan_bus.transport.base import HeaderValue
+
+__all__ = [  # the declaration vocabulary is re-exported: plans and their records in one import
+    "COMMANDS_EXCHANGE",
+    "DEFAULT_PARTITIONS",
+    "DLQ_PREFIX",
+    "PARTITION_HEADER",
+    "ROOT_EXCHANGE",
+    "BindingDecl",
+    "Declaration",
+    "ExchangeDecl",
+    "QueueDecl",
+    "QueueOptions",
+    "QueueType",
+    "apply",
+    "check_group_name",
+    "command_queue",
+    "dead_letter_queue",
+    "delay_plan",
+    "delayed_publish_destination",
+    "group_exchange",
+    "group_plan",
+    "partition_queue",
+    "queue_arguments",
+    "retry_route_plan",
+    "root_plan",
+]
 
 ROOT_EXCHANGE = "exchange.platform.events"
 COMMANDS_EXCHANGE = "exchange.platform.commands"
 DLQ_PREFIX = "dlq."
 DEFAULT_DELIVERY_LIMIT = 20
-
-QueueType = Literal["quorum", "classic"]
 
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -68,12 +105,8 @@ def delayed_publish_destination(message_type: str) -> str:
     return f"{ROOT_EXCHANGE}.{routing_key_for(message_type)}"
 
 
-# A delay routing key is 28 bit-words then the destination; matching the bits with
-# exactly 28 ``*`` (not ``#``) keeps one destination from matching another's suffix.
-_DELAY_BITS = "*." * (MAX_LEVEL + 1)
-
 #: Binds the delay delivery exchange to the root exchange for delayed publishes.
-DELAYED_PUBLISH_PATTERN = f"{_DELAY_BITS}{ROOT_EXCHANGE}.*"
+DELAYED_PUBLISH_PATTERN = f"{DELAY_BITS_PATTERN}{ROOT_EXCHANGE}.*"
 
 
 def partition_queue(group_exchange_name: str, index: int) -> str:
@@ -124,9 +157,7 @@ def queue_arguments(options: QueueOptions, dlq: str) -> dict[str, HeaderValue]:
     }
     if options.queue_type == "quorum":
         args["x-delivery-limit"] = options.delivery_limit
-        # at-least-once dead-lettering needs reject-publish overflow (RabbitMQ 3.10+).
-        args["x-dead-letter-strategy"] = "at-least-once"
-        args["x-overflow"] = "reject-publish"
+        args.update(at_least_once_dead_lettering())
     else:
         args["x-max-priority"] = PRIORITY_MAX
         args["x-overflow"] = "reject-publish"
@@ -145,30 +176,6 @@ def dlq_arguments(options: QueueOptions) -> dict[str, HeaderValue]:
     if options.queue_type == "quorum":
         return {"x-queue-type": "quorum", "x-delivery-limit": DLQ_DELIVERY_LIMIT}
     return {"x-queue-type": options.queue_type}
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeDecl:
-    name: str
-    type: ExchangeType
-    arguments: dict[str, HeaderValue] = field(default_factory=dict, hash=False)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDecl:
-    name: str
-    arguments: dict[str, HeaderValue] = field(default_factory=dict, hash=False)
-
-
-@dataclass(frozen=True, slots=True)
-class BindingDecl:
-    source: str
-    destination: str
-    destination_kind: Literal["queue", "exchange"]
-    routing_key: str = ""
-
-
-Declaration = ExchangeDecl | QueueDecl | BindingDecl
 
 
 def root_plan() -> list[Declaration]:
@@ -202,7 +209,7 @@ def group_plan(
             arguments = queue_arguments(options, dlq)
             arguments["x-single-active-consumer"] = True
             plan += [QueueDecl(queue, arguments), BindingDecl(name, queue, "queue", "1")]
-    delayed_key = _DELAY_BITS + delayed_publish_destination(message_type)
+    delayed_key = DELAY_BITS_PATTERN + delayed_publish_destination(message_type)
     plan.append(BindingDecl(ROOT_EXCHANGE, name, "exchange", routing_key_for(message_type)))
     plan.append(BindingDecl(ROOT_EXCHANGE, name, "exchange", delayed_key))
     return plan
@@ -210,13 +217,7 @@ def group_plan(
 
 def delay_plan() -> list[Declaration]:
     """The delay levels (``delay.py``) plus the delivery exchange's route to the root."""
-    topo = delay_topology()
-    plan: list[Declaration] = [ExchangeDecl(e.name, "topic") for e in topo.exchanges]
-    plan += [QueueDecl(q.name, dict(q.arguments)) for q in topo.queues]
-    plan += [
-        BindingDecl(b.source, b.destination, b.destination_kind, b.routing_key)
-        for b in topo.bindings
-    ]
+    plan = delay_topology().plan()
     plan.append(BindingDecl(DELIVERY_EXCHANGE, ROOT_EXCHANGE, "exchange", DELAYED_PUBLISH_PATTERN))
     return plan
 
@@ -226,16 +227,3 @@ def retry_route_plan(queue_name: str) -> list[Declaration]:
     return [
         BindingDecl(DELIVERY_EXCHANGE, queue_name, "exchange", destination_binding_key(queue_name))
     ]
-
-
-async def apply(transport: Transport, plan: list[Declaration]) -> None:
-    """Declare ``plan`` in order; idempotent, ``TopologyMismatch`` on a conflict."""
-    for decl in plan:
-        if isinstance(decl, ExchangeDecl):
-            await transport.declare_exchange(decl.name, decl.type, arguments=decl.arguments)
-        elif isinstance(decl, QueueDecl):
-            await transport.declare_queue(decl.name, arguments=decl.arguments)
-        elif decl.destination_kind == "queue":
-            await transport.bind_queue(decl.destination, decl.source, decl.routing_key)
-        else:
-            await transport.bind_exchange(decl.destination, decl.source, decl.routing_key)

@@ -24,9 +24,9 @@ from banyan_bus.delay import (
     MAX_DELAY_MS,
     MAX_LEVEL,
     MAX_ROUTABLE_DELAY_S,
-    BindingSpec,
+    BindingDecl,
     DelayTopology,
-    QueueSpec,
+    QueueDecl,
     delay_route,
     delay_seconds,
     delay_topology,
@@ -105,8 +105,8 @@ class Broker:
 
     def __init__(self, topology: DelayTopology) -> None:
         self.exchanges = {e.name for e in topology.exchanges}
-        self.queues: dict[str, QueueSpec] = {q.name: q for q in topology.queues}
-        self.bindings: list[BindingSpec] = list(topology.bindings)
+        self.queues: dict[str, QueueDecl] = {q.name: q for q in topology.queues}
+        self.bindings: list[BindingDecl] = list(topology.bindings)
         assert len(self.exchanges) == len(topology.exchanges), "duplicate exchange names"
         assert len(self.queues) == len(topology.queues), "duplicate queue names"
         # What the bus declares per destination, plus neighbours that must not
@@ -114,9 +114,9 @@ class Broker:
         for dest, queue in {DEST: DEST_QUEUE, **OTHER_DESTS}.items():
             self.exchanges.add(dest)
             self.bindings.append(
-                BindingSpec(DELIVERY_EXCHANGE, dest, "exchange", destination_binding_key(dest))
+                BindingDecl(DELIVERY_EXCHANGE, dest, "exchange", destination_binding_key(dest))
             )
-            self.bindings.append(BindingSpec(dest, queue, "queue", "#"))
+            self.bindings.append(BindingDecl(dest, queue, "queue", "#"))
         for b in self.bindings:
             assert b.source in self.exchanges, b
             if b.destination_kind == "exchange":
@@ -254,16 +254,16 @@ def test_topology_shape_quorum() -> None:
 
 
 def test_topology_bindings() -> None:
-    by_source: dict[str, list[BindingSpec]] = {}
+    by_source: dict[str, list[BindingDecl]] = {}
     for b in delay_topology().bindings:
         by_source.setdefault(b.source, []).append(b)
     for n in range(MAX_LEVEL + 1):
         name = level_name(n)
         skip = "*." * (MAX_LEVEL - n)
         to_queue, to_next = by_source[name]
-        assert to_queue == BindingSpec(name, name, "queue", skip + "1.#")
+        assert to_queue == BindingDecl(name, name, "queue", skip + "1.#")
         nxt = level_name(n - 1) if n else DELIVERY_EXCHANGE
-        assert to_next == BindingSpec(name, nxt, "exchange", skip + "0.#")
+        assert to_next == BindingDecl(name, nxt, "exchange", skip + "0.#")
     assert by_source[level_name(27)][0].routing_key == "1.#"
     assert by_source[level_name(0)][0].routing_key == "*." * 27 + "1.#"
 
