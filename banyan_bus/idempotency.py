@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar, runtime_c
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
+from opentelemetry import metrics
 
 from banyan_bus.errors import (
     ConfigurationError,
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_LEASE",
+    "DEFAULT_MAX_KEYS",
     "DEFAULT_TTL",
     "ClaimResult",
     "Deduplicator",
@@ -92,6 +94,9 @@ DEFAULT_LEASE = 300.0
 
 DEFAULT_TTL = 24 * 3600.0
 """Seconds a done key is remembered: longer than any redelivery or publisher retry window."""
+
+DEFAULT_MAX_KEYS = 100_000
+"""Keys the in-process store holds at most (about 50 MiB); the least recently used go first."""
 
 _DONE = "done"  # the value of a completed key; tokens are uuid hex, so never equal to it
 
@@ -219,23 +224,52 @@ class MemoryIdempotencyStore:
     It deduplicates only what this process sees, and forgets on restart: two
     instances of a service need a shared store (:class:`RedisIdempotencyStore`).
 
-    Expiry is lazy (an entry is judged against ``clock()`` when read) and
-    expired entries are purged on every operation from a heap ordered by
-    expiry, so memory is bounded by the keys touched within one ``ttl``.
+    Memory is bounded twice. Expiry is lazy (an entry is judged against
+    ``clock()`` when read) and expired entries are purged on every operation
+    from a heap ordered by expiry, so the store holds at most the keys touched
+    within one ``ttl``. And it never holds more than ``max_keys`` (default
+    :data:`DEFAULT_MAX_KEYS`, about 50 MiB at ~500 B a key): past that the least
+    recently written key is evicted and counted in the metric
+    ``banyan.idempotency.evicted``. Why a cap and not only the TTL: the TTL
+    (24 h by default) has to outlast every redelivery window, so at 1,000 events
+    a second it alone would let the store grow to 86 M keys. An evicted key
+    only weakens deduplication for that one event (a duplicate arriving after
+    the eviction runs again) — size ``max_keys`` above the events a process
+    handles within its longest redelivery window, or share a Redis store.
+
     Operations never await, so they are atomic within one event loop; the store
     is not thread-safe. ``clock`` (seconds, monotonic) is injectable so tests
     need not sleep.
 
-    >>> store = MemoryIdempotencyStore()
+    >>> store = MemoryIdempotencyStore(max_keys=10_000)
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+            raise ConfigurationError(
+                f"max_keys must be a positive int (keys held at most), got {max_keys!r}"
+            )
+        self.max_keys = max_keys
+        self.evicted = 0
         self._clock = clock
+        # Insertion-ordered: every write re-inserts its key at the end, so the first key
+        # is the least recently written one, the next to evict.
         self._entries: dict[str, _Entry] = {}
-        # (expires_at, sequence, key); stale items (the key was rewritten since) are
-        # harmless: popping one deletes the key only if the key itself has expired.
+        # (expires_at, sequence, key); stale items (the key was rewritten or evicted since)
+        # are harmless: popping one deletes the key only if the key itself has expired.
+        # Compacted when stale items outnumber live keys, so it is bounded too.
         self._expiries: list[tuple[float, int, str]] = []
         self._sequence = itertools.count()
+        self._evictions = metrics.get_meter("banyan_bus").create_counter(
+            "banyan.idempotency.evicted",
+            unit="{key}",
+            description="Keys evicted from the in-process idempotency store at its max_keys",
+        )
 
     def __len__(self) -> int:
         """Keys held (claimed or done), after purging the expired ones."""
@@ -250,8 +284,18 @@ class MemoryIdempotencyStore:
                 del self._entries[key]
 
     def _set(self, key: str, value: str, expires_at: float) -> None:
+        self._entries.pop(key, None)
         self._entries[key] = _Entry(value, expires_at)
         heapq.heappush(self._expiries, (expires_at, next(self._sequence), key))
+        if len(self._entries) > self.max_keys:
+            del self._entries[next(iter(self._entries))]
+            self.evicted += 1
+            self._evictions.add(1)
+        if len(self._expiries) > 2 * len(self._entries) + 64:
+            self._expiries = [
+                (entry.expires_at, next(self._sequence), k) for k, entry in self._entries.items()
+            ]
+            heapq.heapify(self._expiries)
 
     def _live(self, key: str) -> tuple[_Entry | None, float]:
         now = self._clock()

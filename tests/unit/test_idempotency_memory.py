@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 from banyan_bus.errors import BanyanError, ConfigurationError, HandlerError
 from banyan_bus.idempotency import (
     DEFAULT_LEASE,
+    DEFAULT_MAX_KEYS,
     DEFAULT_TTL,
     ClaimResult,
     Deduplicator,
@@ -134,6 +135,41 @@ async def test_any_operation_purges(store: MemoryIdempotencyStore, clock: FakeCl
     clock.advance(1)
     await store.claim("other", token="a", lease=1)
     assert set(store._entries) == {"other"}
+
+
+async def test_store_holds_at_most_max_keys_evicting_the_least_recently_written(
+    clock: FakeClock,
+) -> None:
+    store = MemoryIdempotencyStore(max_keys=100, clock=clock)
+    for i in range(1000):
+        await store.claim(f"k{i}", token="a", lease=60)
+        await store.complete(f"k{i}", token="a", ttl=DEFAULT_TTL)
+    assert len(store) == 100
+    assert store.evicted == 900
+    # The oldest keys are gone (a late duplicate of them would run again), the newest stay.
+    assert await store.claim("k0", token="b", lease=60) == "claimed"
+    assert await store.claim("k999", token="b", lease=60) == "done"
+    # The expiry heap is compacted with the entries: memory is bounded, not only the dict.
+    assert len(store._expiries) <= 2 * len(store) + 64
+
+
+async def test_rewriting_a_key_makes_it_recent(clock: FakeClock) -> None:
+    store = MemoryIdempotencyStore(max_keys=2, clock=clock)
+    await store.claim("a", token="t", lease=60)
+    await store.claim("b", token="t", lease=60)
+    await store.complete("a", token="t", ttl=60)  # "a" is now the most recent
+    await store.claim("c", token="t", lease=60)  # evicts "b"
+    assert set(store._entries) == {"a", "c"}
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10"])
+def test_max_keys_must_be_a_positive_int(bad: object) -> None:
+    with pytest.raises(ConfigurationError, match="max_keys must be a positive int"):
+        MemoryIdempotencyStore(max_keys=bad)  # type: ignore[arg-type]
+
+
+def test_default_bound_is_documented() -> None:
+    assert MemoryIdempotencyStore().max_keys == DEFAULT_MAX_KEYS == 100_000
 
 
 # -- store: compare-and-set on the token -----------------------------------------------------
