@@ -71,9 +71,6 @@ class SubscriptionInfo:
 
 def subscriptions_of(bus: MessageBus) -> list[SubscriptionInfo]:
     """The bus's subscriptions, in the order they were made."""
-    # MessageBus has no public accessor for its subscriptions yet; this is the one
-    # place outside bus.py that reads them.
-    subs = bus._subscriptions.values()
     return [
         SubscriptionInfo(
             group=sub.group,
@@ -83,12 +80,12 @@ def subscriptions_of(bus: MessageBus) -> list[SubscriptionInfo]:
             versions=tuple(sorted({v for h in sub.handlers for v in h.versions})),
             ordered=sub.ordered,
         )
-        for sub in subs
+        for sub in bus.subscriptions
     ]
 
 
 def _owned_requests(bus: MessageBus) -> list[type[Message]]:
-    """Commands and queries this service owns (same caveat as ``subscriptions_of``)."""
+    """Commands and queries this service owns."""
     return [spec.contract for spec, _options in bus._commands.values()]
 
 
