@@ -258,11 +258,6 @@ def fail(span: Span | None, exc: BaseException, *, event: str | None = None, **a
         span.add_event(event, attributes=_clean(attrs))
 
 
-def add_event(span: Span | None, name: str, **attrs: Any) -> None:
-    if span is not None:
-        span.add_event(name, attributes=_clean(attrs))
-
-
 def _clean(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if isinstance(v, (str, int, float, bool))}
 
