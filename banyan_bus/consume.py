@@ -667,7 +667,7 @@ class SubscriptionConsumer:
         """Settle, tolerating a lost channel: the broker then redelivers, nothing is lost."""
         try:
             await settle
-        except (BanyanError, RuntimeError) as exc:
+        except BanyanError as exc:
             self._log.warning("settle_failed", message_id=delivery.message_id, error=str(exc))
 
 

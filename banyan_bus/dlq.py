@@ -507,7 +507,7 @@ class DeadLetterQueue:
                 await delivery.ack()
             else:
                 await delivery.nack(requeue=True)
-        except (BanyanError, RuntimeError) as exc:
+        except BanyanError as exc:
             log.warning(
                 "dlq_settle_failed",
                 queue=self.name,

@@ -16,6 +16,7 @@ at the edge, chaining the original with ``raise ... from exc``.
     ├── PublishError              a publish was not confirmed
     │   ├── BusCapacityExceeded   a queue at max_length refused the message
     │   └── Unroutable            a mandatory publish reached no queue
+    ├── SettleError               an ack/nack/reject found its connection gone
     ├── HandlerError              a handler cannot be registered or built
     │   └── DependencyError       a handler dependency cannot be resolved
     ├── RequestTimeout            a command/query got no answer in time
@@ -118,6 +119,17 @@ class BusCapacityExceeded(PublishError):
 
 class Unroutable(PublishError):
     """A publish that had to reach a queue (a command, a replay) reached none."""
+
+
+class SettleError(BanyanError):
+    """An ack, nack or reject could not reach the broker: the delivery's channel
+    (or connection) closed after the message was delivered.
+
+    The broker has already returned the message to its queue and will deliver
+    it again, so nothing is lost; the delivery counts as settled here. Log it
+    and move on (handlers must tolerate the redelivery). Settling a delivery
+    twice is a different thing, a programming error: ``RuntimeError``.
+    """
 
 
 class HandlerError(BanyanError, TypeError):

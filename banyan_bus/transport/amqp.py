@@ -39,6 +39,7 @@ from banyan_bus.errors import (
     BusCapacityExceeded,
     PluginMissing,
     PublishError,
+    SettleError,
     TopologyError,
     TopologyMismatch,
     Unroutable,
@@ -130,7 +131,7 @@ class AmqpDelivery(Delivery):
         if settler.closed:
             # The broker has already returned the message to its queue and will
             # redeliver it. Nothing is lost, so this is not fatal.
-            raise PublishError(
+            raise SettleError(
                 f"cannot {action} message {self.message_id!r}: its channel is closed "
                 f"(the message will be redelivered)"
             )

@@ -3,8 +3,9 @@
 Everything above this seam (topology, envelopes, retries through delay levels,
 dead-lettering, commands) is written once in terms of exchanges, queues,
 bindings and deliveries. ``amqp.py`` maps these calls onto aio-pika;
-``memory.py`` implements them with an in-process broker that keeps the same
-observable semantics, so one contract test suite can prove the two agree.
+``memory/`` implements them with an in-process broker that keeps the same
+observable semantics, so one test suite at this seam (``tests/transport``)
+and one at the bus (``tests/contract``) can prove the two agree.
 
 Transports translate their library's errors into ``banyan_bus.errors`` at this
 edge; nothing from aio-pika/aiormq escapes.
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, TypeAlias
 
-ExchangeType: TypeAlias = Literal["topic", "direct", "fanout", "headers", "x-consistent-hash"]
+#: The exchange types the bus declares (and so the ones ``memory://`` emulates).
+ExchangeType: TypeAlias = Literal["topic", "direct", "fanout", "x-consistent-hash"]
 HeaderScalar: TypeAlias = str | int | float | bool | bytes | datetime | None
 HeaderValue: TypeAlias = HeaderScalar | list["HeaderValue"] | dict[str, "HeaderValue"]
 Headers: TypeAlias = dict[str, HeaderValue]
@@ -51,7 +53,12 @@ class Delivery(ABC):
 
     ``ack``/``nack``/``reject`` are AMQP's: ``reject`` (and ``nack(requeue=False)``)
     dead-letters through the queue's ``x-dead-letter-*`` arguments if it has them.
-    Settling twice is a programming error and raises ``RuntimeError``.
+
+    Settling a delivery whose connection (or channel) has closed raises
+    ``SettleError`` on every transport: the broker has already requeued the
+    message and will redeliver it, so the caller logs it and moves on; the
+    delivery counts as settled from then on. Settling twice is a programming
+    error and raises ``RuntimeError``.
     """
 
     __slots__ = (

@@ -1,0 +1,158 @@
+"""Exchanges of the memory broker, and how each type picks the bindings a message takes.
+
+Only the exchange types the bus declares are emulated: ``direct`` and
+``fanout`` (AMQP's built-ins and the command exchange), ``topic`` (the root
+event exchange and the delay levels) and ``x-consistent-hash`` (ordered
+subscriptions). A headers exchange is refused rather than half-emulated: a
+claim the emulator makes is a claim the transport suite must hold against
+RabbitMQ.
+
+An exchange only answers "which of my bindings match"; following bindings to
+other exchanges, and onto queues, is the broker's job (it owns both tables).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final
+
+from banyan_bus.errors import TopologyError
+from banyan_bus.transport.base import Headers, HeaderValue
+
+EXCHANGE_TYPES: Final = frozenset({"topic", "direct", "fanout", "x-consistent-hash"})
+#: The exchanges every RabbitMQ vhost has from the start (besides the default one).
+PREDECLARED: Final = {"amq.direct": "direct", "amq.fanout": "fanout", "amq.topic": "topic"}
+#: Ring points per unit of binding weight: enough that a few queues share keys evenly.
+_POINTS_PER_WEIGHT: Final = 64
+
+
+@lru_cache(maxsize=4096)
+def _topic_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a topic binding key into a regex over keys written as ``word.word.``.
+
+    Terminating every word with a dot makes ``#`` ("zero or more words") a plain
+    repetition of ``[^.]*\\.``, so empty words and ``a.#.b`` need no special case.
+    """
+    parts: list[str] = []
+    words = pattern.split(".") if pattern else []
+    for previous, word in zip([None, *words], words, strict=False):
+        if word == "#":
+            if previous != "#":  # '#.#' means '#'; collapsing avoids regex backtracking
+                parts.append(r"(?:[^.]*\.)*")
+        elif word == "*":
+            parts.append(r"[^.]*\.")
+        else:
+            parts.append(re.escape(word) + r"\.")
+    return re.compile("".join(parts))
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: words split on '.', ``*`` one word, ``#`` zero or more.
+
+    As in RabbitMQ, the empty key has zero words and ``a..b`` has an empty middle word.
+    """
+    return _topic_regex(pattern).fullmatch(routing_key + "." if routing_key else "") is not None
+
+
+def _hash_bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return b"" if value is None else str(value).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """A binding from an exchange to a queue, or to another exchange (``to_exchange``)."""
+
+    destination: str
+    to_exchange: bool
+    routing_key: str
+    arguments: dict[str, HeaderValue]
+
+
+class Exchange:
+    """One exchange: its declaration and its bindings (in the order they were made)."""
+
+    __slots__ = ("_ring", "arguments", "bindings", "durable", "name", "type")
+
+    def __init__(
+        self, name: str, type: str, durable: bool, arguments: dict[str, HeaderValue]
+    ) -> None:
+        self.name = name
+        self.type = type
+        self.durable = durable
+        self.arguments = arguments
+        self.bindings: list[Binding] = []
+        self._ring: tuple[list[int], list[Binding]] | None = None
+
+    def describe(self) -> dict[str, object]:
+        """What a re-declaration must repeat exactly (else ``TopologyMismatch``)."""
+        return {"type": self.type, "durable": self.durable, **self.arguments}
+
+    def bind(self, binding: Binding) -> None:
+        """Add a binding; an identical one is a no-op, as in AMQP.
+
+        A consistent-hash binding's routing key is its weight, which RabbitMQ
+        requires to be a positive integer.
+        """
+        if self.type == "x-consistent-hash":
+            weight = binding.routing_key
+            if not (weight.isascii() and weight.isdigit()) or int(weight) < 1:
+                raise TopologyError(
+                    f"cannot bind {binding.destination!r} to {self.name!r}: "
+                    f"the weight {weight!r} must be an int >= 1"
+                )
+        if binding not in self.bindings:
+            self.bindings.append(binding)
+            self._ring = None
+
+    def unbind(self, destination: str, to_exchange: bool) -> None:
+        """Drop every binding to ``destination`` (it was deleted)."""
+        kept = [
+            b for b in self.bindings if (b.destination, b.to_exchange) != (destination, to_exchange)
+        ]
+        if len(kept) != len(self.bindings):
+            self.bindings = kept
+            self._ring = None
+
+    def matching(self, routing_key: str, headers: Headers) -> list[Binding]:
+        """The bindings a message with this routing key and these headers takes."""
+        if self.type == "direct":
+            return [b for b in self.bindings if b.routing_key == routing_key]
+        if self.type == "topic":
+            return [b for b in self.bindings if topic_matches(b.routing_key, routing_key)]
+        if self.type == "fanout":
+            return list(self.bindings)
+        chosen = self._hash_lookup(self._hash_input(routing_key, headers))
+        return [] if chosen is None else [chosen]
+
+    def _hash_input(self, routing_key: str, headers: Headers) -> bytes:
+        # Like the plugin: a missing header hashes as "undefined", so all such
+        # messages land on one queue rather than being dropped.
+        header = self.arguments.get("hash-header")
+        if isinstance(header, str):
+            return _hash_bytes(headers.get(header))
+        return routing_key.encode()
+
+    def _hash_lookup(self, key: bytes) -> Binding | None:
+        """Pick the binding owning the first ring point at or after the key's hash.
+
+        Points derive from the destination's name (not binding order), so a key
+        keeps its queue across restarts and re-declarations.
+        """
+        if self._ring is None:
+            points: list[tuple[int, int]] = []
+            for index, b in enumerate(self.bindings):
+                kind = "e" if b.to_exchange else "q"
+                for i in range(int(b.routing_key) * _POINTS_PER_WEIGHT):
+                    points.append((zlib.crc32(f"{kind}:{b.destination}:{i}".encode()), index))
+            points.sort()
+            self._ring = ([p for p, _ in points], [self.bindings[i] for _, i in points])
+        hashes, owners = self._ring
+        if not hashes:
+            return None
+        return owners[bisect.bisect_left(hashes, zlib.crc32(key)) % len(hashes)]
