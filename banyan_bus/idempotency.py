@@ -48,7 +48,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from opentelemetry import metrics
@@ -59,6 +58,7 @@ from banyan_bus.errors import (
     IdempotencyKeyBusy,
     IdempotencyStoreError,
 )
+from banyan_bus.transport.url import mask_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -376,15 +376,6 @@ _CLAIM_RESULTS: dict[str, ClaimResult] = {"claimed": "claimed", "done": "done", 
 _INSTALL_HINT = 'RedisIdempotencyStore needs redis-py: pip install "banyan-bus[redis]"'
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***" if parts.username else ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc}"))
-
-
 def _milliseconds(name: str, seconds: float) -> int:
     return max(1, math.ceil(_positive(name, seconds) * 1000))
 
@@ -430,7 +421,7 @@ class RedisIdempotencyStore:
             client = redis_asyncio.Redis.from_url(
                 url, socket_connect_timeout=timeout, socket_timeout=timeout
             )
-            self._where = _redact(url)
+            self._where = mask_url(url)
         else:
             self._where = "the given redis client"
         self._client = client

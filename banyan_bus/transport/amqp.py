@@ -57,6 +57,7 @@ from banyan_bus.transport.base import (
     QueueState,
     Transport,
 )
+from banyan_bus.transport.url import mask_url
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 
@@ -66,17 +67,6 @@ _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
     r".*?received (?P<received>.+?) but current is (?P<current>.+?)(?:'?\)|$)"
 )
-
-
-def mask_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    try:
-        parsed = URL(url)
-    except (ValueError, TypeError):
-        return "<unparseable AMQP URL>"
-    if parsed.password is not None:
-        parsed = parsed.with_password("***")
-    return str(parsed)
 
 
 class AmqpDelivery(Delivery):

@@ -28,6 +28,7 @@ from banyan_bus.transport.base import (
 from banyan_bus.transport.memory.broker import SCHEME, broker_name, get_broker
 from banyan_bus.transport.memory.delivery import Connection, MemoryConsumer, MemoryDelivery
 from banyan_bus.transport.memory.exchange import Binding
+from banyan_bus.transport.url import mask_url
 
 
 class MemoryTransport(Transport):
@@ -36,7 +37,7 @@ class MemoryTransport(Transport):
     def __init__(self, url: str = SCHEME) -> None:
         broker_name(url)  # validate early
         self.url = url
-        self.display_url = url
+        self.display_url = mask_url(url)
         self.broker = get_broker(url)
         self._connection: Connection | None = None
 
