@@ -20,7 +20,7 @@ import structlog
 from dishka import Provider
 from opentelemetry.trace import SpanKind
 
-from banyan_bus.consume import Subscription, SubscriptionConsumer, make_context
+from banyan_bus.consume import SubscriptionConsumer, make_context
 from banyan_bus.context import MessageContext, current_context
 from banyan_bus.contracts import (
     Command,
@@ -44,14 +44,17 @@ from banyan_bus.envelope import (
 )
 from banyan_bus.errors import ConfigurationError, ContractError, HandlerError
 from banyan_bus.handlers import HandlerSpec, dispatch_table, function_handler, handler_options
-from banyan_bus.idempotency import (
-    DEFAULT_TTL,
-    Deduplicator,
-    IdempotencyStore,
-    MemoryIdempotencyStore,
-)
+from banyan_bus.idempotency import DEFAULT_TTL, IdempotencyStore, MemoryIdempotencyStore
 from banyan_bus.retry import RetryPolicy
 from banyan_bus.rpc import CommandConsumer, Requester, command_plan
+from banyan_bus.subscription import (
+    BUS_DEFAULT,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_HANDLER_TIMEOUT,
+    Subscription,
+    SubscriptionOptions,
+    event_type_of,
+)
 from banyan_bus.telemetry import (
     BODY_SIZE,
     CONVERSATION_ID,
@@ -62,7 +65,6 @@ from banyan_bus.telemetry import (
 )
 from banyan_bus.topology import (
     COMMANDS_EXCHANGE,
-    DEFAULT_PARTITIONS,
     ROOT_EXCHANGE,
     Declaration,
     QueueOptions,
@@ -82,60 +84,6 @@ log = structlog.get_logger("banyan_bus.bus")
 M = TypeVar("M", bound=Message)
 
 DEFAULT_URL = "memory://"
-DEFAULT_CONCURRENCY = 10
-DEFAULT_HANDLER_TIMEOUT = 120.0
-
-
-class _Default:
-    """Marks "use the bus's setting" where ``None`` already means something."""
-
-    def __repr__(self) -> str:
-        return "<bus default>"
-
-
-_DEFAULT: Any = _Default()
-
-
-_SUBSCRIBE_OPTIONS = frozenset(
-    {
-        "subscription_group",
-        "concurrency",
-        "prefetch",
-        "auto_ack",
-        "retry",
-        "timeout",
-        "queue_type",
-        "max_length",
-        "ordered",
-        "partitions",
-        "idempotent",
-        "idempotency_key",
-    }
-)
-_CLASS_OPTIONS = {
-    "event": _SUBSCRIBE_OPTIONS,
-    "command": frozenset({"concurrency", "timeout"}),
-    "query": frozenset({"concurrency", "timeout"}),
-}
-
-
-def _event_options(options: dict[str, Any]) -> dict[str, Any]:
-    merged: dict[str, Any] = {
-        "subscription_group": None,
-        "concurrency": DEFAULT_CONCURRENCY,
-        "prefetch": None,
-        "auto_ack": True,
-        "retry": None,
-        "timeout": _DEFAULT,
-        "queue_type": None,
-        "max_length": None,
-        "ordered": False,
-        "partitions": None,
-        "idempotent": False,
-        "idempotency_key": None,
-    }
-    merged.update(options)
-    return merged
 
 
 def make_transport(url: str, *, name: str, publish_timeout: float = 30.0) -> Transport:
@@ -213,7 +161,7 @@ class MessageBus:
         self._delay_lock = asyncio.Lock()
         self._injector = Injector(providers, self)
         self._telemetry = Telemetry(self.service, "memory")
-        self._commands: dict[str, tuple[HandlerSpec, dict[str, Any]]] = {}
+        self._commands: dict[str, tuple[HandlerSpec, SubscriptionOptions]] = {}
         self._command_consumers: list[CommandConsumer] = []
         self._requester: Requester | None = None
         self._started = False
@@ -335,7 +283,7 @@ class MessageBus:
         prefetch: int | None = None,
         auto_ack: bool = True,
         retry: RetryPolicy | None = None,
-        timeout: float | None = _DEFAULT,
+        timeout: float | None = BUS_DEFAULT,
         queue_type: QueueType | None = None,
         max_length: int | None = None,
         ordered: bool = False,
@@ -358,10 +306,7 @@ class MessageBus:
         over that many queues. ``idempotent=True`` (or ``idempotency_key=fn``)
         runs each handler once per event id (or key), through ``idempotency_store``.
         """
-        known = set(self._subscriptions)
-        sub = self._record(
-            contract,
-            function_handler(contract, handler),
+        options = SubscriptionOptions(
             subscription_group=subscription_group,
             concurrency=concurrency,
             prefetch=prefetch,
@@ -375,6 +320,8 @@ class MessageBus:
             idempotent=idempotent,
             idempotency_key=idempotency_key,
         )
+        known = set(self._subscriptions)
+        sub = self._record(contract, function_handler(contract, handler), options)
         if self._started and (sub.group, sub.message_type) not in known:
             await self._declare(sub)
             await self._start_consumer(sub)
@@ -390,15 +337,11 @@ class MessageBus:
             @bus.handler(UserCreated, subscription_group="welcome")
             async def send_welcome(event: UserCreated) -> None: ...
         """
-        unknown = set(options) - _SUBSCRIBE_OPTIONS
-        if unknown:
-            raise HandlerError(
-                f"unknown option(s) {sorted(unknown)}; valid: {sorted(_SUBSCRIBE_OPTIONS)}"
-            )
+        checked = SubscriptionOptions.from_options(options)
 
         def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             self._refuse_if_started(getattr(fn, "__qualname__", repr(fn)))
-            self._record(contract, function_handler(contract, fn), **_event_options(options))
+            self._record(contract, function_handler(contract, fn), checked)
             return fn
 
         return decorate
@@ -428,96 +371,25 @@ class MessageBus:
         return dead_letter_queue(self.transport, group, contract)
 
     def _record(
-        self,
-        contract: type[Message],
-        spec: HandlerSpec,
-        *,
-        subscription_group: str | None,
-        concurrency: int,
-        prefetch: int | None,
-        auto_ack: bool,
-        retry: RetryPolicy | None,
-        timeout: float | None,
-        queue_type: QueueType | None,
-        max_length: int | None,
-        ordered: bool,
-        partitions: int | None,
-        idempotent: bool,
-        idempotency_key: Callable[[Any], str] | None,
+        self, contract: type[Message], spec: HandlerSpec, options: SubscriptionOptions
     ) -> Subscription:
-        if not (isinstance(contract, type) and issubclass(contract, Event)):
-            raise ContractError(
-                f"subscribe() takes an Event class, got {contract!r}; commands and queries "
-                f"are handled with @CommandHandler / @QueryHandler."
-            )
-        if contract.is_abstract_contract():
-            raise ContractError(
-                f"{contract.__name__} is an abstract contract; subscribe to a concrete one."
-            )
-        group = check_group_name(subscription_group or self.service)
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if prefetch is None:
-            prefetch = 3 * concurrency
-        if (
-            isinstance(prefetch, bool)
-            or not isinstance(prefetch, int)
-            or not 1 <= prefetch <= 65535
-        ):
-            raise ConfigurationError(
-                f"prefetch must be an int from 1 to 65535 (unbounded prefetch is refused: it "
-                f"defeats back-pressure), got {prefetch!r}"
-            )
-        if timeout is _DEFAULT:
-            timeout = self.handler_timeout
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-        options = QueueOptions(queue_type=queue_type or self.queue_type, max_length=max_length)
-        if partitions is not None and not ordered:
-            raise ConfigurationError("partitions= only applies with ordered=True")
-        if ordered:
-            partitions = DEFAULT_PARTITIONS if partitions is None else partitions
-            if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-                raise ConfigurationError(f"partitions must be an int >= 1, got {partitions!r}")
-        dedup: Deduplicator[Message] | None = None
-        if idempotent or idempotency_key is not None:
-            if not auto_ack:
-                raise ConfigurationError(
-                    "idempotent handlers need auto_ack=True: the bus must know whether the "
-                    "handler succeeded to mark the event done"
-                )
-            if idempotency_key is not None and not callable(idempotency_key):
-                raise ConfigurationError(
-                    f"idempotency_key must be a function of the event, got {idempotency_key!r}"
-                )
-            policy = retry or self.retry
-            attempt_s = timeout if timeout is not None else DEFAULT_HANDLER_TIMEOUT
-            dedup = Deduplicator(
-                self.idempotency_store,
-                group=group,
-                lease=attempt_s * (1 + policy.immediate) + 30,
-                ttl=self.idempotency_ttl,
-                key=idempotency_key,
-            )
-        message_type = contract.__message_type__
-        key = (group, message_type)
-        sub = self._subscriptions.get(key)
+        """Add ``spec`` to its group's subscription, creating it on first use."""
+        message_type = event_type_of(contract)
+        group = check_group_name(options.subscription_group or self.service)
+        sub = self._subscriptions.get((group, message_type))
         if sub is None:
-            sub = Subscription(
-                message_type=message_type,
+            sub = Subscription.create(
+                message_type,
+                spec,
+                options,
                 group=group,
-                handlers=[spec],
-                concurrency=concurrency,
-                prefetch=prefetch,
-                auto_ack=auto_ack,
-                retry=retry or self.retry,
-                timeout=timeout,
-                queue=options,
-                ordered=ordered,
-                partitions=partitions or 1,
-                dedup=dedup,
+                queue_type=self.queue_type,
+                retry=self.retry,
+                timeout=self.handler_timeout,
+                idempotency_store=self.idempotency_store,
+                idempotency_ttl=self.idempotency_ttl,
             )
-            self._subscriptions[key] = sub
+            self._subscriptions[(group, message_type)] = sub
             return sub
         if any(h.name == spec.name for h in sub.handlers):
             raise HandlerError(f"{spec.name} already handles {message_type} in group {group!r}")
@@ -526,18 +398,7 @@ class MessageBus:
                 f"group {group!r} is already consuming {message_type}; add its handlers "
                 f"before bus.start() so they run in definition order from the first message."
             )
-        if (
-            sub.queue != options
-            or sub.auto_ack != auto_ack
-            or sub.ordered != ordered
-            or (ordered and sub.partitions != partitions)
-        ):
-            raise ConfigurationError(
-                f"group {group!r} already subscribes to {message_type} with queue options "
-                f"{sub.queue}, auto_ack={sub.auto_ack}, ordered={sub.ordered}; handlers of "
-                f"one group share its queue, so they must agree."
-            )
-        sub.handlers.append(spec)
+        sub.join(spec, options, queue_type=self.queue_type)
         return sub
 
     async def _declare(self, sub: Subscription) -> None:
@@ -602,7 +463,12 @@ class MessageBus:
     # -- class handlers ------------------------------------------------------------
 
     async def register(self, *handlers: type[Any] | ModuleType) -> None:
-        """Async alias of ``include`` (kept for symmetry with ``subscribe``)."""
+        """Deprecated: use ``include`` (the same, without ``await``).
+
+        Kept as a thin alias because existing services and tests ``await`` it;
+        ``include`` is the one the README teaches, since a plain call also works
+        at module level, next to the handler classes.
+        """
         self.include(*handlers)
 
     def include(self, *handlers: type[Any] | ModuleType) -> None:
@@ -645,14 +511,8 @@ class MessageBus:
             versions=frozenset(table),
         )
         self._injector.add(cls)
-        unknown = set(opts.options) - _CLASS_OPTIONS[opts.kind]
-        if unknown:
-            raise HandlerError(
-                f"{cls.__qualname__}: unknown option(s) {sorted(unknown)}; "
-                f"valid: {sorted(_CLASS_OPTIONS[opts.kind])}"
-            )
         if opts.kind == "event":
-            self._record(opts.contract, spec, **_event_options(opts.options))
+            self._record(opts.contract, spec, opts.options)
             return
         message_type = opts.contract.__message_type__
         if message_type in self._commands:
@@ -661,10 +521,10 @@ class MessageBus:
                 f"({self._commands[message_type][0].name}); exactly one handler owns a "
                 f"{opts.kind}"
             )
-        self._commands[message_type] = (spec, dict(opts.options))
+        self._commands[message_type] = (spec, opts.options)
 
     async def _start_command_consumer(
-        self, message_type: str, spec: HandlerSpec, options: dict[str, Any]
+        self, message_type: str, spec: HandlerSpec, options: SubscriptionOptions
     ) -> None:
         group = self.service
 
@@ -677,8 +537,8 @@ class MessageBus:
             message_type=message_type,
             handler=spec,
             service=self.service,
-            concurrency=int(options.get("concurrency", DEFAULT_CONCURRENCY)),
-            timeout=options.get("timeout", self.handler_timeout),
+            concurrency=options.concurrency,
+            timeout=options.handler_timeout(self.handler_timeout),
             context_factory=context,
             telemetry=self._telemetry,
         )

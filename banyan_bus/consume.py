@@ -24,7 +24,6 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,9 +47,9 @@ from banyan_bus.errors import BanyanError
 from banyan_bus.handlers import HandlerSpec
 from banyan_bus.idempotency import Deduplicator, IdempotencyKeyBusy, IdempotencyStoreError
 from banyan_bus.logcontext import bind_handler_log_context, bind_message_log_context
-from banyan_bus.retry import RetryDecision, RetryPolicy
+from banyan_bus.retry import RetryDecision
+from banyan_bus.subscription import Subscription
 from banyan_bus.telemetry import CONSUMER_GROUP, MESSAGE_TYPE, Telemetry, fail, span_ids
-from banyan_bus.topology import QueueOptions, dead_letter_queue, group_exchange, partition_queue
 from banyan_bus.transport.base import (
     DEFAULT_EXCHANGE,
     Consumer,
@@ -78,40 +77,6 @@ DLQ_ORIGINAL_ROUTING_KEY = "x-banyan-original-routing-key"
 
 _TRACEBACK_LIMIT = 4000
 _NORMAL_PRIORITY = PRIORITY_LEVELS["normal"]
-
-
-@dataclass(slots=True)
-class Subscription:
-    """One group's subscription to one message type: its queue and its handlers."""
-
-    message_type: str
-    group: str
-    handlers: list[HandlerSpec]
-    concurrency: int
-    prefetch: int
-    auto_ack: bool
-    retry: RetryPolicy
-    timeout: float | None
-    queue: QueueOptions = field(default_factory=QueueOptions)
-    ordered: bool = False
-    partitions: int = 1
-    dedup: Deduplicator[Message] | None = None
-
-    @property
-    def queue_name(self) -> str:
-        """The group's exchange, and its queue when the subscription is not ordered."""
-        return group_exchange(self.group, self.message_type)
-
-    @property
-    def queue_names(self) -> list[str]:
-        """Every queue this subscription consumes: one, or one per partition."""
-        if self.ordered:
-            return [partition_queue(self.queue_name, i) for i in range(self.partitions)]
-        return [self.queue_name]
-
-    @property
-    def dlq_name(self) -> str:
-        return dead_letter_queue(self.group, self.message_type)
 
 
 class _Failure(Exception):

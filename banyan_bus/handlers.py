@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, get_type_hints
 from banyan_bus.context import MessageContext
 from banyan_bus.contracts import Message, registry
 from banyan_bus.errors import HandlerError
+from banyan_bus.subscription import REQUEST_OPTIONS, SubscriptionOptions
 
 T = TypeVar("T")
 M1 = TypeVar("M1", bound=Message)
@@ -97,11 +98,14 @@ _MARK = "__banyan_handler__"  # the attribute the class decorators set
 
 @dataclass(frozen=True, slots=True)
 class HandlerOptions:
-    """What a class decorator recorded: the contract and the subscription options."""
+    """What a class decorator recorded: the contract and the subscription options.
+
+    Commands and queries take only ``concurrency`` and ``timeout`` of the options.
+    """
 
     kind: HandlerKind
     contract: type[Message]
-    options: dict[str, Any]
+    options: SubscriptionOptions
 
 
 def _decorate(
@@ -125,7 +129,9 @@ def _decorate(
                 f"{cls.__qualname__} needs `async def handle(self, message)` "
                 f"(or handle_v1, handle_v2, … methods) to handle {contract.__name__}"
             )
-        setattr(cls, _MARK, HandlerOptions(kind, contract, options))
+        allowed = None if kind == "event" else REQUEST_OPTIONS
+        checked = SubscriptionOptions.from_options(options, allowed=allowed, owner=cls.__qualname__)
+        setattr(cls, _MARK, HandlerOptions(kind, contract, checked))
         _check_methods(cls, contract)
         return cls
 
@@ -152,12 +158,16 @@ def EventHandler(contract: type[Message], **options: Any) -> Callable[[type[T]],
 
 
 def CommandHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:
-    """Mark a class as the owner of a command; ``handle`` returns the result."""
+    """Mark a class as the owner of a command; ``handle`` returns the result.
+
+    Options: ``concurrency`` (default 10) and ``timeout`` (default the bus's).
+    """
     return _decorate("command", contract, options)
 
 
 def QueryHandler(contract: type[Message], **options: Any) -> Callable[[type[T]], type[T]]:
-    """Mark a class as the owner of a query; ``handle`` returns the answer."""
+    """Mark a class as the owner of a query; ``handle`` returns the answer (options as
+    ``CommandHandler``'s)."""
     return _decorate("query", contract, options)
 
 
