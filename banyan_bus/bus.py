@@ -78,29 +78,14 @@ from banyan_bus.topology import (
     root_plan,
 )
 from banyan_bus.transport.base import Delivery, Headers, Transport
+from banyan_bus.transport.factory import make_transport
+from banyan_bus.transport.url import mask_url
 
 log = structlog.get_logger("banyan_bus.bus")
 
 M = TypeVar("M", bound=Message)
 
 DEFAULT_URL = "memory://"
-
-
-def make_transport(url: str, *, name: str, publish_timeout: float = 30.0) -> Transport:
-    """The transport for ``url``'s scheme: ``amqp(s)://`` or ``memory://``."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme in ("amqp", "amqps"):
-        from banyan_bus.transport.amqp import AmqpTransport
-
-        return AmqpTransport(url, name=name, publish_timeout=publish_timeout)
-    if scheme == "memory":
-        from banyan_bus.transport.memory import MemoryTransport
-
-        return MemoryTransport(url)
-    raise ConfigurationError(
-        f"unsupported bus URL {url.split('@')[-1]!r}: use amqp://user:pass@host:5672/vhost "
-        f"(or amqps://) for RabbitMQ, or memory:// for the in-process broker."
-    )
 
 
 class MessageBus:
@@ -159,7 +144,7 @@ class MessageBus:
         self._consumers: list[SubscriptionConsumer] = []
         self._delays_declared = False
         self._delay_lock = asyncio.Lock()
-        self._injector = Injector(providers, self)
+        self._injector = Injector(providers, {MessageBus: self})
         self._telemetry = Telemetry(self.service, "memory")
         self._commands: dict[str, tuple[HandlerSpec, SubscriptionOptions]] = {}
         self._command_consumers: list[CommandConsumer] = []
@@ -172,7 +157,7 @@ class MessageBus:
         return f"<MessageBus service={self.service!r} url={self._display_url()!r} {state}>"
 
     def _display_url(self) -> str:
-        return self._transport.display_url if self._transport else self.url.split("@")[-1]
+        return self._transport.display_url if self._transport else mask_url(self.url)
 
     # -- lifecycle ------------------------------------------------------------------
 

@@ -27,8 +27,8 @@ Example::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, get_type_hints
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, get_type_hints
 
 import structlog
 from dishka import AsyncContainer, Provider, Scope, make_async_container
@@ -37,9 +37,6 @@ from dishka.exceptions import NoFactoryError
 from banyan_bus.context import MessageContext
 from banyan_bus.contracts import Message
 from banyan_bus.errors import DependencyError
-
-if TYPE_CHECKING:
-    from banyan_bus.bus import MessageBus
 
 #: The logger type handlers may ask for; it is bound to the message's fields.
 Logger = structlog.typing.FilteringBoundLogger
@@ -65,11 +62,17 @@ def message_logger(ctx: MessageContext) -> Any:
 
 
 class Injector:
-    """Builds handler instances per message from the user's providers."""
+    """Builds handler instances per message from the user's providers.
 
-    def __init__(self, providers: Sequence[Provider], bus: MessageBus) -> None:
+    ``app_context`` holds the objects the bus itself offers for injection at
+    application scope, keyed by the type a handler asks for (the bus passes
+    ``{MessageBus: bus}``). Taking them as data keeps this module below the bus
+    in the import graph.
+    """
+
+    def __init__(self, providers: Sequence[Provider], app_context: Mapping[type, object]) -> None:
         self._providers = list(providers)
-        self._bus = bus
+        self._app_context = dict(app_context)
         self._classes: list[type[Any]] = []
         self._container: AsyncContainer | None = None
 
@@ -83,19 +86,16 @@ class Injector:
 
     def build(self) -> None:
         """Build the container and validate every handler's constructor (at start)."""
-        from banyan_bus.bus import MessageBus
-
         own = Provider(scope=Scope.REQUEST)
         own.from_context(provides=MessageContext, scope=Scope.REQUEST)
-        own.from_context(provides=MessageBus, scope=Scope.APP)
+        for app_type in self._app_context:
+            own.from_context(provides=app_type, scope=Scope.APP)
         for logger_type in _LOGGER_TYPES:
             own.provide(message_logger, provides=logger_type, scope=Scope.REQUEST)
         for cls in self._classes:
             own.provide(cls, scope=Scope.REQUEST)
         try:
-            self._container = make_async_container(
-                *self._providers, own, context={MessageBus: self._bus}
-            )
+            self._container = make_async_container(*self._providers, own, context=self._app_context)
         except NoFactoryError as exc:
             raise self._explain(exc) from exc
 
