@@ -38,6 +38,7 @@ from banyan_bus.deadlines import Deadlines
 from banyan_bus.errors import (
     BrokerUnreachable,
     BusCapacityExceeded,
+    ConfigurationError,
     PluginMissing,
     PublishError,
     SettleError,
@@ -45,6 +46,7 @@ from banyan_bus.errors import (
     TopologyMismatch,
     Unroutable,
 )
+from banyan_bus.transport import amqp_frames
 from banyan_bus.transport.amqp_properties import WireProperties
 from banyan_bus.transport.amqp_settle import ChannelSettler
 from banyan_bus.transport.base import (
@@ -284,6 +286,19 @@ def _with_heartbeat(url: str) -> str:
     return str(parsed.update_query(heartbeat=DEFAULT_HEARTBEAT))
 
 
+DEFAULT_CHANNEL_MAX = 2047
+"""RabbitMQ's default ``channel_max``; a URL's ``?channel_max=N`` says the broker's own."""
+
+
+def _channel_max(url: str) -> int:
+    value = URL(url.split(",")[0].strip()).query.get("channel_max", str(DEFAULT_CHANNEL_MAX))
+    if not value.isdigit() or not 4 <= int(value) <= 65535:
+        raise ConfigurationError(
+            f"channel_max in the AMQP URL must be a whole number in 4..65535, got {value!r}"
+        )
+    return int(value)
+
+
 def _explain_refusal(exc: BaseException) -> str:
     """The broker's own reason for refusing the handshake, where aiormq hides it.
 
@@ -335,6 +350,7 @@ class AmqpTransport(Transport):
     ) -> None:
         self._publish_timeout = publish_timeout
         self._ssl_context = ssl_context
+        self._channel_max = _channel_max(url)
         # Several comma-separated URLs name the nodes of one cluster.
         given = [u.strip() for u in url.split(",") if u.strip()]
         self._urls = [_with_heartbeat(u) for u in given]
@@ -359,6 +375,9 @@ class AmqpTransport(Transport):
     # -- connection -----------------------------------------------------------------
 
     async def connect(self) -> None:
+        # A message whose properties pamqp cannot decode must cost that message, not the
+        # connection: see amqp_frames.
+        amqp_frames.install()
         errors: list[str] = []
         for index, url in enumerate(self._urls):
             connection = _FailoverConnection(
@@ -601,6 +620,19 @@ class AmqpTransport(Transport):
     # -- consume --------------------------------------------------------------------
 
     async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
+        # One channel per consumed queue (each its own prefetch). aiormq numbers channels
+        # past the broker's negotiated channel_max, and RabbitMQ answers that by closing the
+        # whole connection: every subscription and publish of the process would go with it.
+        # Refuse the one subscription instead, while there is still room.
+        open_channels = len(self._consumers) + len(self._get_settlers) + 3
+        if open_channels >= self._channel_max:
+            raise ConfigurationError(
+                f"cannot consume {queue!r}: this connection to {self.display_url} already "
+                f"carries {open_channels} channels and the broker allows {self._channel_max} "
+                f"(RabbitMQ's channel_max, default 2047; one channel per consumed queue). "
+                f"Spread the subscriptions over processes (`banyan run --workers N` or more "
+                f"services), or raise channel_max on the broker and pass ?channel_max=N."
+            )
         channel = await self._conn().channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)  # the robust channel restores it
         if not await self.queue_state(queue):
