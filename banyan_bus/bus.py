@@ -154,9 +154,11 @@ class MessageBus:
 
     def __repr__(self) -> str:
         state = "started" if self._started else "stopped"
-        return f"<MessageBus service={self.service!r} url={self._display_url()!r} {state}>"
+        return f"<MessageBus service={self.service!r} url={self.display_url!r} {state}>"
 
-    def _display_url(self) -> str:
+    @property
+    def display_url(self) -> str:
+        """``url`` with its password masked: print and log this one, never ``url``."""
         return self._transport.display_url if self._transport else mask_url(self.url)
 
     # -- lifecycle ------------------------------------------------------------------
