@@ -50,12 +50,30 @@ _IRREGULAR_PAST = frozenset(
 _NOT_PAST = frozenset("bed breed embed exceed feed need proceed seed speed succeed".split())
 
 
+# The particles of phrasal verbs: "LoggedIn", "SignedUp", "CheckedOut", "SetUp".
+_PARTICLES = frozenset(
+    "about across along around aside away back by down in off on out over through up".split()
+)
+_PASCAL_CASE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+
+Naming = Literal["strict", "free"]
+"""``"strict"`` (the default) applies the platform's naming rule; ``"free"`` opts out."""
+
+
 def is_past_tense(word: str) -> bool:
     """Whether ``word`` reads as a past tense or participle (``Created``, ``Sent``)."""
     w = word.lower()
     if w in _NOT_PAST:
         return False
-    return w.endswith("ed") or w in _IRREGULAR_PAST
+    return (w.endswith("ed") and len(w) > 3) or w in _IRREGULAR_PAST
+
+
+def reads_as_fact(message_type: str) -> bool:
+    """``{Noun}{PastTenseVerb}``, the verb possibly phrasal: ``UserCreated``, ``UserLoggedIn``."""
+    words = _WORDS.findall(message_type)
+    if words and words[-1].lower() in _PARTICLES and len(words) >= 3:
+        words = words[:-1]
+    return len(words) >= 2 and is_past_tense(words[-1])
 
 
 def routing_key_for(message_type: str) -> str:
@@ -63,16 +81,39 @@ def routing_key_for(message_type: str) -> str:
     return message_type.lower().replace("-", "").replace("_", "")
 
 
-def _check_event_name(message_type: str, class_name: str) -> None:
-    words = _WORDS.findall(message_type)
-    if len(words) >= 2 and is_past_tense(words[-1]):
-        return
-    raise ContractError(
-        f"Event {class_name!r} (message type {message_type!r}) is named like a command: "
-        f"events are facts named {{Noun}}{{PastTenseVerb}}, like 'UserCreated' or "
-        f"'PaymentProcessed', so that subscribers read what happened, not what to do. "
-        f"Rename it, or opt out with `class {class_name}(Event, check_name=False)`."
+def _check_name(kind: MessageKind, message_type: str, class_name: str) -> None:
+    """The platform's naming rule, checked where a wrong name would be defined, not read.
+
+    Events are facts, ``{Noun}{PastTenseVerb}`` (phrasal verbs too); commands and
+    queries are instructions and questions, so a name that reads as a fact is refused
+    for them; every message type is PascalCase, the form every platform service
+    (and its generated TypeScript types) expects.
+    """
+    opt_out = (
+        f"If the name is right for your platform, opt out on the class: "
+        f"`class {class_name}({kind.capitalize()}, naming=\"free\")` and say why in its docstring."
     )
+    if not _PASCAL_CASE.match(message_type):
+        raise ContractError(
+            f"{kind.capitalize()} {class_name!r}: message type {message_type!r} is not "
+            f"PascalCase; write it like 'UserCreated' or 'CreateUser' (letters and digits, "
+            f"each word capitalised, no '_'). {opt_out}"
+        )
+    if kind == "event" and not reads_as_fact(message_type):
+        raise ContractError(
+            f"Event {class_name!r} (message type {message_type!r}) does not read as a fact: "
+            f"events are named {{Noun}}{{PastTenseVerb}}, so that subscribers read what "
+            f"happened, not what to do. Accepted: 'UserCreated', 'PaymentProcessed', "
+            f"'EmailSent', 'UserLoggedIn', 'CartCheckedOut' (a noun, then a past participle, "
+            f"optionally with its particle). {opt_out}"
+        )
+    if kind != "event" and reads_as_fact(message_type):
+        raise ContractError(
+            f"{kind.capitalize()} {class_name!r} (message type {message_type!r}) reads as a "
+            f"fact, like an event: commands are imperative ('CreateUser', 'ShipOrder') and "
+            f"queries ask ('GetUser', 'FindOrders'). If it reports something that happened, "
+            f"make it an Event. {opt_out}"
+        )
 
 
 class ContractRegistry:
@@ -143,6 +184,7 @@ class Message(BaseModel):
         *,
         name: str | None = None,
         version: int | None = None,
+        naming: Naming = "strict",
         check_name: bool = True,
         partition_key: str | None = None,
         abstract: bool = False,
@@ -159,6 +201,7 @@ class Message(BaseModel):
         *,
         name: str | None = None,
         version: int | None = None,
+        naming: Naming = "strict",
         check_name: bool = True,
         partition_key: str | None = None,
         abstract: bool = False,
@@ -192,8 +235,13 @@ class Message(BaseModel):
                 f"{cls.__name__}: partition_key={partition_key!r} is not a field; "
                 f"fields are {sorted(cls.model_fields)}."
             )
-        if cls.__message_kind__ == "event" and check_name:
-            _check_event_name(message_type, cls.__name__)
+        if naming not in ("strict", "free"):
+            raise ContractError(
+                f"{cls.__name__}: naming must be 'strict' (the default) or 'free', got {naming!r}."
+            )
+        # check_name=False is the older spelling of naming="free".
+        if naming == "strict" and check_name:
+            _check_name(cls.__message_kind__, message_type, cls.__name__)
         cls.__message_type__ = message_type
         cls.__message_version__ = version
         if partition_key is not None:
