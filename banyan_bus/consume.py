@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -31,6 +30,13 @@ import structlog
 
 from banyan_bus.context import MessageContext, _current, current_context
 from banyan_bus.contracts import ContractRegistry, Message
+from banyan_bus.deadletter import (
+    HEADER_FIRST_FAILURE,
+    HEADER_HANDLED,
+    republish,
+    strip_death_headers,
+    write_record,
+)
 from banyan_bus.deadlines import DeadlineExceeded, Deadlines
 from banyan_bus.delay import delay_route
 from banyan_bus.envelope import (
@@ -50,32 +56,10 @@ from banyan_bus.logcontext import bind_handler_log_context, bind_message_log_con
 from banyan_bus.retry import RetryDecision
 from banyan_bus.subscription import Subscription
 from banyan_bus.telemetry import CONSUMER_GROUP, MESSAGE_TYPE, Telemetry, fail, span_ids
-from banyan_bus.transport.base import (
-    DEFAULT_EXCHANGE,
-    Consumer,
-    Delivery,
-    Headers,
-    HeaderValue,
-    OutgoingMessage,
-    Transport,
-)
+from banyan_bus.transport.base import Consumer, Delivery, Headers, HeaderValue, Transport
 
 log = structlog.get_logger("banyan_bus.consume")
 
-HEADER_HANDLED = "x-banyan-handled"
-HEADER_FIRST_FAILURE = "x-banyan-first-failure"
-# Dead-letter record headers (DESIGN.md §4).
-DLQ_REASON = "x-banyan-reason"
-DLQ_EXCEPTION_TYPE = "x-banyan-exception-type"
-DLQ_EXCEPTION_MESSAGE = "x-banyan-exception-message"
-DLQ_TRACEBACK = "x-banyan-traceback"
-DLQ_HANDLER = "x-banyan-handler"
-DLQ_GROUP = "x-banyan-group"
-DLQ_LAST_FAILURE = "x-banyan-last-failure"
-DLQ_ORIGINAL_EXCHANGE = "x-banyan-original-exchange"
-DLQ_ORIGINAL_ROUTING_KEY = "x-banyan-original-routing-key"
-
-_TRACEBACK_LIMIT = 4000
 _NORMAL_PRIORITY = PRIORITY_LEVELS["normal"]
 
 
@@ -561,7 +545,7 @@ class SubscriptionConsumer:
         await self._transport.publish(
             route.exchange,
             route.routing_key,
-            _republish(delivery, headers),
+            republish(delivery, headers),
             confirm=True,
             mandatory=True,
         )
@@ -577,31 +561,16 @@ class SubscriptionConsumer:
     ) -> None:
         """Move to the group's DLQ with the failure's details: confirmed publish, then ack."""
         sub = self.subscription
-        now = format_timestamp(datetime.now(UTC))
-        headers: Headers = dict(delivery.headers)
-        strip_death_headers(headers)
-        headers.update(
-            {
-                DLQ_REASON: reason,
-                DLQ_EXCEPTION_TYPE: type(exc).__qualname__,
-                DLQ_EXCEPTION_MESSAGE: str(exc)[:_TRACEBACK_LIMIT],
-                DLQ_TRACEBACK: _trimmed_traceback(exc),
-                HEADER_ATTEMPT: attempt,
-                DLQ_HANDLER: handler,
-                DLQ_GROUP: sub.group,
-                DLQ_LAST_FAILURE: now,
-                DLQ_ORIGINAL_EXCHANGE: delivery.exchange,
-                DLQ_ORIGINAL_ROUTING_KEY: delivery.routing_key,
-            }
-        )
-        headers.setdefault(HEADER_FIRST_FAILURE, now)
         try:
-            await self._transport.publish(
-                DEFAULT_EXCHANGE,
+            await write_record(
+                self._transport,
                 sub.dlq_name,
-                _republish(delivery, headers),
-                confirm=True,
-                mandatory=True,
+                delivery,
+                reason,
+                exc=exc,
+                handler=handler,
+                group=sub.group,
+                attempt=attempt,
             )
         except BanyanError as publish_error:
             # Could not write our record: let the broker dead-letter the original
@@ -662,63 +631,3 @@ def make_context(
         delivery=delivery,
         auto_ack=auto_ack,
     )
-
-
-# Headers RabbitMQ adds when it dead-letters. A republished message must not carry
-# them: RabbitMQ 3.10 reads x-death to detect dead-letter cycles and would drop a
-# retry's second trip through the same delay level.
-_DEATH_HEADERS = (
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-last-death-exchange",
-    "x-last-death-queue",
-    "x-last-death-reason",
-    "x-delivery-count",
-)
-
-
-def strip_death_headers(headers: Headers) -> None:
-    for name in _DEATH_HEADERS:
-        headers.pop(name, None)
-
-
-def _writable(value: HeaderValue) -> HeaderValue:
-    """A header value any AMQP client can send back.
-
-    aio-pika reads a non-UTF-8 string header as ``bytes`` and a wide double as a
-    ``float``, and cannot write either again; a message we cannot republish would
-    never leave its queue.
-    """
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    if isinstance(value, float) and (value != value or abs(value) > 3.4e38):
-        return repr(value)
-    if isinstance(value, list):
-        return [_writable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _writable(v) for k, v in value.items()}
-    return value
-
-
-def _republish(delivery: Delivery, headers: Headers) -> OutgoingMessage:
-    return OutgoingMessage(
-        body=delivery.body,
-        message_id=delivery.message_id,
-        correlation_id=delivery.correlation_id,
-        message_type=delivery.message_type,
-        timestamp=delivery.timestamp,
-        headers={str(k): _writable(v) for k, v in headers.items()},
-        priority=delivery.priority,
-        content_type=delivery.content_type or "application/json",
-    )
-
-
-def _trimmed_traceback(exc: BaseException) -> str:
-    if exc.__traceback__ is None:
-        return ""
-    text = "".join(traceback.format_exception(exc))
-    if len(text) > _TRACEBACK_LIMIT:
-        text = "…" + text[-_TRACEBACK_LIMIT:]
-    return text

@@ -1,14 +1,18 @@
-"""Reading DLQ records (ours and the broker's) and building replays, without a broker."""
+"""Writing and reading DLQ records (ours and the broker's) and building replays, without a
+broker."""
 
 from __future__ import annotations
 
+import ast
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
-from banyan_bus import Event
-from banyan_bus.dlq import DeadLetter, dead_letter_queue
+from banyan_bus import Event, deadletter
+from banyan_bus.deadletter import record_headers, republish
+from banyan_bus.dlq import DeadLetter, DeadLetterQueue
 from banyan_bus.transport.base import Delivery, Headers
 from banyan_bus.transport.memory import MemoryTransport
 
@@ -268,9 +272,71 @@ def test_replay_message_of_an_envelope_without_amqp_id_carries_the_envelope_id()
 
 
 def test_dead_letter_queue_names_the_group_queue_and_exchange() -> None:
-    dlq = dead_letter_queue(MemoryTransport("memory://unit-dlq-names"), "email", CrateWeighed)
+    dlq = DeadLetterQueue(MemoryTransport("memory://unit-dlq-names"), "email", CrateWeighed)
     assert dlq.name == "dlq.exchange.platform.events.email.crateweighed"
     assert dlq.target_exchange == "exchange.platform.events.email.crateweighed"
-    assert dead_letter_queue(dlq.transport, "email", "CrateWeighed").name == dlq.name
+    assert DeadLetterQueue(dlq.transport, "email", "CrateWeighed").name == dlq.name
     with pytest.raises(ValueError, match="subscription_group"):
-        dead_letter_queue(dlq.transport, "bad.group", CrateWeighed)
+        DeadLetterQueue(dlq.transport, "bad.group", CrateWeighed)
+
+
+def test_a_record_the_engine_writes_reads_back_as_ours() -> None:
+    try:
+        raise ValueError("smtp said no")
+    except ValueError as exc:
+        error = exc
+    delivery = FakeDelivery(
+        json.dumps(ENVELOPE).encode(),
+        {
+            **broker_record("rejected"),
+            "x-version": 2,
+            "x-banyan-first-failure": "2025-11-15T10:30:00Z",
+        },
+        message_id="evt_1",
+    )
+    headers = record_headers(
+        delivery, "handler-failed", exc=error, handler="email.send", group="email", attempt=4
+    )
+    assert not {"x-death", "x-first-death-reason", "x-first-death-queue"} & set(headers)
+    dead = DeadLetter.from_delivery(FakeDelivery(delivery.body, headers, message_id="evt_1"))
+    assert (dead.source, dead.reason, dead.attempts) == ("banyan", "handler-failed", 4)
+    assert (dead.exception_type, dead.exception_message) == ("ValueError", "smtp said no")
+    assert dead.traceback is not None
+    assert dead.traceback.endswith("ValueError: smtp said no\n")
+    assert (dead.handler, dead.group, dead.version) == ("email.send", "email", 2)
+    assert dead.original_routing_key == delivery.routing_key
+    assert dead.first_failure == datetime(2025, 11, 15, 10, 30, tzinfo=UTC)  # kept from retries
+    assert dead.last_failure is not None
+    assert dead.last_failure > dead.first_failure
+
+
+def test_retries_records_and_replays_copy_a_message_through_one_function() -> None:
+    """``republish`` makes every copy: a value another client wrote and aio-pika cannot
+    write back (non-UTF-8 text, a double beyond float32) is turned into text, so a
+    replay cannot wedge on it any more than a retry or a record could."""
+    foreign: Headers = {"x-raw": b"\xff caf\xe9", "x-wide": 1e300, "x-list": [b"\xff"]}
+    delivery = FakeDelivery(b"{}", dict(foreign), message_id="m1", priority=2)
+    copy = republish(delivery, delivery.headers)
+    assert copy.headers == {"x-raw": "\\xff caf\\xe9", "x-wide": "1e+300", "x-list": ["\\xff"]}
+    assert (copy.body, copy.message_id, copy.priority) == (b"{}", "m1", 2)
+    assert copy.content_type == "application/json"
+    dead = DeadLetter.from_delivery(FakeDelivery(b"{}", {**broker_record("expired"), **foreign}))
+    assert dead.replay_message().headers == {**copy.headers, "x-version": 1}
+
+
+def test_the_record_format_has_one_home() -> None:
+    """The engine and the DLQ tooling share the format through ``deadletter`` alone:
+    neither of those two imports the engine."""
+    import banyan_bus.consume
+
+    for module in (deadletter, banyan_bus.dlq):
+        tree = ast.parse(Path(str(module.__file__)).read_text())
+        imported: set[str | None] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        assert "banyan_bus.consume" not in imported, module.__name__
+    assert banyan_bus.consume.republish is deadletter.republish
+    assert banyan_bus.consume.write_record is deadletter.write_record
