@@ -6,6 +6,25 @@ is read, so a per-contract envelope model validates header fields and payload
 together. Anything unusual (no properties, a foreign publisher's bare JSON
 payload, a broken body) takes the slow path, which also classifies *why* a
 message cannot be decoded, so the dead-letter queue can say so.
+
+**Hostile input.** Whatever a delivery holds, :func:`decode` returns an
+``Envelope`` or raises ``DecodeError`` — never anything else (an exception
+from the parser or from a contract's own validator becomes ``undecodable``),
+so the consumer dead-letters the message at once instead of requeueing it.
+Limits, each refused as ``undecodable`` with the field named:
+
+- ``id``, ``correlationId``, ``causationId``, ``messageType`` and ``serviceName``:
+  at most :data:`MAX_FIELD_LENGTH` (256) characters; the ``traceContext`` fields
+  at most :data:`MAX_TRACE_FIELD_LENGTH` (64); ``version`` within 0 .. 2^31-1;
+- nesting: both paths parse with pydantic-core's JSON parser (Rust, no Python
+  recursion), which refuses arrays/objects nested deeper than
+  :data:`MAX_JSON_DEPTH` levels — a body of 100,000 ``[`` is refused at once.
+  It is that parser's fixed limit: checking a lower one ourselves would mean a
+  scan of every body on the hot path;
+- the body size is the consumer's limit (``max_message_size``, 256 KiB);
+- a delivery whose AMQP properties the transport could not all decode carries
+  the header ``x-banyan-undecodable`` (``transport/amqp_frames.py``) and is
+  refused with what it says.
 """
 
 from __future__ import annotations
@@ -14,13 +33,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.alias_generators import to_camel
 
 from banyan_bus.contracts import ContractRegistry, Message
 from banyan_bus.errors import PayloadTooLarge
+from banyan_bus.transport.amqp_frames import HEADER_UNDECODABLE
 from banyan_bus.transport.base import Delivery, Headers, OutgoingMessage
 
 CONTENT_TYPE = "application/json"
@@ -32,6 +53,16 @@ HEADER_PARTITION_KEY = "x-partition-key"
 HEADER_DELAY = "x-banyan-delay"
 HEADER_TRACEPARENT = "traceparent"
 HEADER_TRACESTATE = "tracestate"
+
+#: Longest id, correlation/causation id, message type and service name accepted.
+MAX_FIELD_LENGTH = 256
+#: Longest ``traceContext`` field accepted (W3C: 32, 16 and 2 hex digits).
+MAX_TRACE_FIELD_LENGTH = 64
+#: Deepest nesting of arrays/objects in a body: pydantic-core's parser refuses more.
+MAX_JSON_DEPTH = 200
+
+_Field = Annotated[str, Field(max_length=MAX_FIELD_LENGTH)]
+_TraceField = Annotated[str, Field(max_length=MAX_TRACE_FIELD_LENGTH)]
 
 Priority = Literal["low", "normal", "high"]
 #: AMQP priorities; a classic queue is declared with x-max-priority = PRIORITY_MAX.
@@ -56,9 +87,9 @@ def format_timestamp(ts: datetime) -> str:
 class TraceContext(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True)
 
-    trace_id: str
-    span_id: str
-    trace_flags: str = "01"
+    trace_id: _TraceField
+    span_id: _TraceField
+    trace_flags: _TraceField = "01"
 
 
 class EnvelopeHeader(BaseModel):
@@ -66,14 +97,14 @@ class EnvelopeHeader(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, extra="ignore")
 
-    id: str
-    correlation_id: str | None = None
-    causation_id: str | None = None
+    id: _Field
+    correlation_id: _Field | None = None
+    causation_id: _Field | None = None
     trace_context: TraceContext | None = None
     timestamp: datetime
-    service_name: str | None = None
-    message_type: str
-    version: int = 1
+    service_name: _Field | None = None
+    message_type: _Field
+    version: Annotated[int, Field(ge=0, lt=2**31)] = 1
     metadata: dict[str, Any] = {}
 
 
@@ -241,7 +272,28 @@ def _header_int(headers: Headers, name: str) -> int | None:
 
 
 def decode(delivery: Delivery, registry: ContractRegistry) -> Envelope:
-    """Turn a delivery into an ``Envelope`` or raise ``DecodeError`` saying why not."""
+    """Turn a delivery into an ``Envelope`` or raise ``DecodeError`` saying why not.
+
+    Raises nothing else: whatever goes wrong reading a body is ``undecodable``.
+    """
+    headers = delivery.headers
+    if HEADER_UNDECODABLE in headers:
+        raise DecodeError(
+            "undecodable",
+            f"AMQP properties could not be decoded: {headers[HEADER_UNDECODABLE]}",
+        )
+    try:
+        return _decode(delivery, registry)
+    except DecodeError:
+        raise
+    except Exception as exc:  # a parser or validator failing any other way
+        detail = str(exc)[:500] or "no detail"
+        raise DecodeError(
+            "undecodable", f"body cannot be decoded: {type(exc).__name__}: {detail}", cause=exc
+        ) from exc
+
+
+def _decode(delivery: Delivery, registry: ContractRegistry) -> Envelope:
     message_type = delivery.message_type
     version = _header_int(delivery.headers, HEADER_VERSION)
     if message_type and version is not None:
@@ -249,8 +301,8 @@ def decode(delivery: Delivery, registry: ContractRegistry) -> Envelope:
         if contract is not None:
             try:
                 model = _typed_model(contract).model_validate_json(delivery.body)
-            except ValidationError:
-                pass  # the slow path says exactly what is wrong
+            except Exception:  # the slow path says exactly what is wrong
+                pass
             else:
                 return Envelope(
                     id=model.id,
@@ -270,9 +322,18 @@ def decode(delivery: Delivery, registry: ContractRegistry) -> Envelope:
 
 def _decode_slow(delivery: Delivery, registry: ContractRegistry) -> Envelope:
     try:
-        data = json.loads(delivery.body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError("undecodable", f"body is not JSON: {exc}", cause=exc) from exc
+        # pydantic-core's parser, as on the fast path: the same JSON is accepted, and
+        # its nesting limit (MAX_JSON_DEPTH) holds without recursion in Python.
+        data = pydantic_core.from_json(delivery.body)
+    except ValueError as exc:
+        text = str(exc)
+        if "recursion limit" in text:
+            raise DecodeError(
+                "undecodable",
+                f"body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels ({text})",
+                cause=exc,
+            ) from exc
+        raise DecodeError("undecodable", f"body is not JSON: {text}", cause=exc) from exc
     if isinstance(data, dict) and "payload" in data and "messageType" in data:
         try:
             raw = _RawEnvelope.model_validate(data)
