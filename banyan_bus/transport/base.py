@@ -259,7 +259,12 @@ class Transport(ABC):
         """Message and consumer counts, or ``None`` if the queue does not exist."""
 
     @abstractmethod
-    async def exchange_exists(self, name: str) -> bool: ...
+    async def exchange_exists(self, name: str) -> bool:
+        """Whether exchange ``name`` exists (a passive declare).
+
+        Asking about the default exchange (``""``) answers ``False``: RabbitMQ
+        refuses any declare of it, passive or not. Publishing to it needs no check.
+        """
 
     @abstractmethod
     async def purge_queue(self, queue: str) -> int:

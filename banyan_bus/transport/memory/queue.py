@@ -233,13 +233,14 @@ class Queue:
 
         Quorum queues follow RabbitMQ's rabbit_fifo: the limit is checked before
         the enqueue against what is already there (so N+1 fit), and once over it
-        the queue refuses until it drains below 80% of the limit.
+        the queue refuses until it has drained to its soft limit, 80% of the
+        limit rounded down (``is_below_soft_limit``: ready =< trunc(0.8 * N)).
         """
         if not self.quorum:
             return self._over_limit(1)
         if self._overflowing:
             self._overflowing = self._over_limit(0) or (
-                self.max_length is not None and self.ready >= 0.8 * self.max_length
+                self.max_length is not None and self.ready > int(0.8 * self.max_length)
             )
         else:
             self._overflowing = self._over_limit(0)
