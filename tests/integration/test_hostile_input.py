@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from banyan_bus import Event, MessageBus, MessageContext, RetryPolicy, topology
-from banyan_bus.dlq import dead_letter_queue
+from banyan_bus.dlq import DeadLetterQueue
 from banyan_bus.topology import QueueType
 from tests import brokers
 from tests.hostile import (
@@ -175,7 +175,7 @@ async def test_hostile_frames_and_bodies_cost_only_themselves(
         good.append(rk_id)
         good += [await publisher.publish(HatchBreached(hatch_id=f"tail-{j}")) for j in range(5)]
 
-        dlq = dead_letter_queue(bus.transport, group, HatchBreached)
+        dlq = DeadLetterQueue(bus.transport, group, HatchBreached)
         await wait_until(
             lambda: set(good) <= set(handled), timeout=60, what="every good message handled"
         )
@@ -232,7 +232,7 @@ async def test_the_dlq_lists_records_the_client_could_not_decode(
         await raw.publish("", dlq_name, b"\x00raw body", bad)
         await raw.publish("", dlq_name, envelope("fine"), _props("fine"))
     async with MessageBus(unique("operator"), amqp_url) as operator:
-        dlq = dead_letter_queue(operator.transport, group, HatchBreached)
+        dlq = DeadLetterQueue(operator.transport, group, HatchBreached)
         records = await dlq.list()
         by_ref = {record.ref: record for record in records}
         assert sorted(by_ref) == ["fine", "straight-to-dlq"]

@@ -12,7 +12,7 @@ import pytest
 
 from banyan_bus import Event, MessageBus, MessageContext, RetryPolicy
 from banyan_bus.contracts import ContractRegistry
-from banyan_bus.dlq import dead_letter_queue
+from banyan_bus.dlq import DeadLetterQueue
 from banyan_bus.envelope import (
     HEADER_UNDECODABLE,
     MAX_FIELD_LENGTH,
@@ -180,7 +180,7 @@ async def test_hostile_bodies_on_memory_are_dead_lettered_next_to_good_ones(
                     content_type="application/json",
                 ),
             )
-        dlq = dead_letter_queue(bus.transport, group, ParcelWeighed)
+        dlq = DeadLetterQueue(bus.transport, group, ParcelWeighed)
 
         await wait_until(lambda: set(good) <= set(handled), what="every good message handled")
         for _ in range(500):
