@@ -18,12 +18,16 @@ Example::
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal
+import warnings
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, ClassVar, Literal, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PydanticDeprecatedSince20
 from pydantic.alias_generators import to_camel
 
 from banyan_bus.errors import ContractError
+from banyan_bus.wire import format_timestamp, mark_decimal, unmark_decimals_text, unmark_tree
 
 MessageKind = Literal["event", "command", "query"]
 
@@ -91,7 +95,7 @@ def _check_name(kind: MessageKind, message_type: str, class_name: str) -> None:
     """
     opt_out = (
         f"If the name is right for your platform, opt out on the class: "
-        f"`class {class_name}({kind.capitalize()}, naming=\"free\")` and say why in its docstring."
+        f'`class {class_name}({kind.capitalize()}, naming="free")` and say why in its docstring.'
     )
     if not _PASCAL_CASE.match(message_type):
         raise ContractError(
@@ -156,6 +160,18 @@ class ContractRegistry:
 registry = ContractRegistry()
 
 
+# The wire forms of datetimes and decimals (wire.py) need a serializer for two types
+# wherever they appear in a contract, containers included, without the user annotating
+# each field; pydantic 2 does that only through `json_encoders`, which it marks
+# deprecated (still supported until pydantic 3, hence the `<3` pin). Silence exactly
+# that warning for contracts, not for the user's other models.
+warnings.filterwarnings(
+    "ignore",
+    message="`json_encoders` is deprecated",
+    category=PydanticDeprecatedSince20,
+)
+
+
 class Message(BaseModel):
     """Base of all contracts. Use ``Event``, ``Command`` or ``Query``.
 
@@ -169,7 +185,21 @@ class Message(BaseModel):
         validate_by_name=True,
         validate_by_alias=True,
         extra="ignore",
+        # The platform's forms (see wire.py): datetimes with milliseconds and Z,
+        # decimals as exact JSON numbers.
+        json_encoders={datetime: format_timestamp, Decimal: mark_decimal},
     )
+
+    def model_dump_json(self, *args: Any, **kwargs: Any) -> str:
+        """As pydantic's, with decimals as exact JSON numbers (see ``wire.py``)."""
+        return unmark_decimals_text(super().model_dump_json(*args, **kwargs))
+
+    def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """As pydantic's; in ``mode="json"`` decimals are strings, as pydantic writes them."""
+        dumped = super().model_dump(*args, **kwargs)
+        if kwargs.get("mode") == "json":
+            return cast(dict[str, Any], unmark_tree(dumped))
+        return dumped
 
     __message_kind__: ClassVar[MessageKind]
     __message_type__: ClassVar[str]

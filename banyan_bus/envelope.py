@@ -43,6 +43,8 @@ from banyan_bus.contracts import ContractRegistry, Message
 from banyan_bus.errors import PayloadTooLarge
 from banyan_bus.transport.amqp_frames import HEADER_UNDECODABLE
 from banyan_bus.transport.base import Delivery, Headers, OutgoingMessage
+from banyan_bus.wire import format_timestamp as format_timestamp  # re-exported
+from banyan_bus.wire import unmark_decimals
 
 CONTENT_TYPE = "application/json"
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024
@@ -75,13 +77,6 @@ _ID_PREFIX = {"event": "evt_", "command": "cmd_", "query": "qry_"}
 def new_id(prefix: str) -> str:
     """``prefix`` + 32 random hex digits (a UUID's entropy without building a UUID)."""
     return prefix + os.urandom(16).hex()
-
-
-def format_timestamp(ts: datetime) -> str:
-    """``2025-11-15T10:30:00.123Z``: milliseconds, UTC, ``Z``."""
-    if ts.tzinfo is not UTC:
-        ts = ts.astimezone(UTC)
-    return ts.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 class TraceContext(BaseModel):
@@ -198,7 +193,7 @@ def encode(
     if priority not in PRIORITY_LEVELS:
         raise ValueError(f"priority must be one of {sorted(PRIORITY_LEVELS)}, got {priority!r}")
     tail = _envelope_tail(cls, service_name, priority, metadata)
-    payload = cls.__pydantic_serializer__.to_json(message, by_alias=True)
+    payload = unmark_decimals(cls.__pydantic_serializer__.to_json(message, by_alias=True))
     # The head is written by hand (json.dumps of a dict cost 5 µs per publish);
     # strings go through json's own escaper, so the bytes are what json.dumps writes.
     body = (

@@ -4,6 +4,8 @@ type is PascalCase, and a contract can opt out explicitly."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from banyan_bus import Command, Event, Query
@@ -17,6 +19,15 @@ def _forget_contracts():  # type: ignore[no-untyped-def]
     yield
     registry._by_key.clear()
     registry._by_key.update(before)
+
+
+def _define(name: str, base: type) -> type:
+    # A version no other test module uses, so these names never clash in the registry.
+    def body(ns: dict[str, object]) -> None:
+        ns["__annotations__"] = {"x": int}
+        ns["__module__"] = __name__
+
+    return types.new_class(name, (base,), {"version": 9_999}, body)
 
 
 @pytest.mark.parametrize(
@@ -36,13 +47,13 @@ def _forget_contracts():  # type: ignore[no-untyped-def]
 )
 def test_facts_are_accepted_as_events(name: str) -> None:
     assert reads_as_fact(name)
-    type(name, (Event,), {"__annotations__": {"x": int}, "__module__": __name__})
+    _define(name, Event)
 
 
 @pytest.mark.parametrize("name", ["CreateUser", "UserCreate", "LogIn", "SignUp", "Heartbeat"])
 def test_instructions_and_nouns_are_refused_as_events(name: str) -> None:
     with pytest.raises(ContractError, match="does not read as a fact") as caught:
-        type(name, (Event,), {"__annotations__": {"x": int}, "__module__": __name__})
+        _define(name, Event)
     message = str(caught.value)
     assert "'UserLoggedIn'" in message  # says what would be accepted
     assert 'naming="free"' in message  # and how to opt out
@@ -51,25 +62,16 @@ def test_instructions_and_nouns_are_refused_as_events(name: str) -> None:
 @pytest.mark.parametrize("name", ["user_created", "userCreated", "User_Created"])
 def test_message_types_are_pascal_case(name: str) -> None:
     with pytest.raises(ContractError, match="not PascalCase"):
-        type(name, (Event,), {"__annotations__": {"x": int}, "__module__": __name__})
+        _define(name, Event)
 
 
 def test_a_command_named_like_an_event_is_refused() -> None:
     with pytest.raises(ContractError, match="reads as a fact"):
-
-        class UserCreated(Command):
-            x: int
-
+        _define("UserCreated", Command)
     with pytest.raises(ContractError, match="reads as a fact"):
-
-        class OrdersShipped(Query):
-            x: int
-
-    class CreateUser(Command):
-        x: int
-
-    class GetUser(Query):
-        x: int
+        _define("OrdersShipped", Query)
+    _define("CreateUser", Command)
+    _define("GetUser", Query)
 
 
 def test_opting_out_is_explicit() -> None:
