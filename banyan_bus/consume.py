@@ -27,8 +27,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from opentelemetry.trace import SpanKind
 
-from banyan_bus.context import MessageContext, _current, current_context
+from banyan_bus.context import MessageContext, current_context
 from banyan_bus.contracts import ContractRegistry, Message
 from banyan_bus.deadletter import (
     HEADER_FIRST_FAILURE,
@@ -37,11 +38,11 @@ from banyan_bus.deadletter import (
     strip_death_headers,
     write_record,
 )
-from banyan_bus.deadlines import DeadlineExceeded, Deadlines
+from banyan_bus.deadlines import DeadlineExceeded
 from banyan_bus.delay import delay_route
+from banyan_bus.delivery import DeliveryConsumer, make_context, timeout_error
 from banyan_bus.envelope import (
     HEADER_ATTEMPT,
-    HEADER_DELAY,
     HEADER_PARTITION_KEY,
     PRIORITY_LEVELS,
     DecodeError,
@@ -52,11 +53,14 @@ from banyan_bus.envelope import (
 from banyan_bus.errors import BanyanError
 from banyan_bus.handlers import HandlerSpec
 from banyan_bus.idempotency import Deduplicator, IdempotencyKeyBusy, IdempotencyStoreError
-from banyan_bus.logcontext import bind_handler_log_context, bind_message_log_context
+from banyan_bus.logcontext import bind_handler_log_context
 from banyan_bus.retry import RetryDecision
 from banyan_bus.subscription import Subscription
-from banyan_bus.telemetry import CONSUMER_GROUP, MESSAGE_TYPE, Telemetry, fail, span_ids
-from banyan_bus.transport.base import Consumer, Delivery, Headers, HeaderValue, Transport
+from banyan_bus.telemetry import Telemetry, fail
+from banyan_bus.transport.base import Delivery, Headers, HeaderValue, Transport
+
+# make_context lives in delivery.py; named here too for the modules that import it from here.
+__all__ = ["BUSY_RETRY_DELAY_S", "Subscription", "SubscriptionConsumer", "make_context"]
 
 log = structlog.get_logger("banyan_bus.consume")
 
@@ -80,50 +84,7 @@ class _Failure(Exception):
 BUSY_RETRY_DELAY_S = 5.0
 
 
-class HandlerTasks:
-    """The tasks handling one consumer's deliveries.
-
-    Shutdown waits for them (the grace period), then cancels the rest; a
-    cancelled handler returns its message to the queue, so nothing is lost.
-    """
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def add_current(self) -> asyncio.Task[Any] | None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        return task
-
-    def discard(self, task: asyncio.Task[Any] | None) -> None:
-        if task is not None:
-            self._tasks.discard(task)
-
-    async def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until none is running; False if ``timeout`` passed first."""
-        try:
-            async with asyncio.timeout(timeout):
-                while self._tasks:
-                    await asyncio.wait(set(self._tasks))
-        except TimeoutError:
-            return False
-        return True
-
-    def cancel(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-
-    async def cancel_and_wait(self) -> None:
-        self.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
-
-
-class SubscriptionConsumer:
+class SubscriptionConsumer(DeliveryConsumer):
     """Runs one subscription on one transport connection."""
 
     def __init__(
@@ -137,34 +98,34 @@ class SubscriptionConsumer:
         service: str,
         max_message_size: int,
     ) -> None:
-        self.subscription = subscription
-        self._max_message_size = max_message_size
-        self._telemetry = telemetry
-        self._service = service
-        self._labels = {MESSAGE_TYPE: subscription.message_type, CONSUMER_GROUP: subscription.group}
-        self._transport = transport
-        self._registry = registry
-        self._ensure_delays = ensure_delays
         # The semaphore is skipped where it could never block: with automatic acks
         # a delivery holds its prefetch slot until its handlers are done, so the
         # prefetch already bounds how many run (manual acks can free it earlier).
         bounded_by_prefetch = subscription.auto_ack and subscription.concurrency >= (
             subscription.prefetch * len(subscription.queue_names)
         )
-        self._semaphore = (
-            None if bounded_by_prefetch else asyncio.Semaphore(subscription.concurrency)
+        super().__init__(
+            transport=transport,
+            telemetry=telemetry,
+            service=service,
+            group=subscription.group,
+            message_type=subscription.message_type,
+            concurrency=None if bounded_by_prefetch else subscription.concurrency,
+            timeout=subscription.timeout,
+            auto_ack=subscription.auto_ack,
+            destination=subscription.queue_name,
+            span_kind=SpanKind.CONSUMER,
+            log=log.bind(group=subscription.group, message_type=subscription.message_type),
         )
-        self._deadlines = (
-            None if subscription.timeout is None else Deadlines(subscription.timeout, "handler")
-        )
-        self._consumers: list[Consumer] = []
-        self._tasks = HandlerTasks()
+        self.subscription = subscription
+        self._max_message_size = max_message_size
+        self._registry = registry
+        self._ensure_delays = ensure_delays
         # Ordered subscriptions: deliveries waiting behind a running one of the same key.
         self._chains: dict[str, deque[Delivery]] = {}
         self._warned_priority = False
         # Which handlers serve a version, worked out once per version, not per message.
         self._by_version: dict[int, list[HandlerSpec]] = {}
-        self._log = log.bind(group=subscription.group, message_type=subscription.message_type)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -178,45 +139,7 @@ class SubscriptionConsumer:
                 await self._transport.consume(queue, callback, prefetch=sub.prefetch)
             )
 
-    async def stop_consuming(self) -> None:
-        """Stop taking new messages; in-flight handlers go on."""
-        consumers, self._consumers = self._consumers, []
-        for consumer in consumers:
-            await consumer.cancel()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
-    async def wait_idle(self, timeout: float | None = None) -> bool:
-        return await self._tasks.wait_idle(timeout)
-
-    async def cancel_in_flight(self) -> None:
-        await self._tasks.cancel_and_wait()
-
-    # -- per delivery ---------------------------------------------------------------
-
-    async def _on_delivery(self, delivery: Delivery) -> None:
-        tasks = self._tasks
-        task = tasks.add_current()
-        try:
-            if self._semaphore is None:
-                if not delivery.stale:  # else its connection is gone: redelivered elsewhere
-                    await self._handle(delivery)
-            else:
-                async with self._semaphore:
-                    if not delivery.stale:
-                        await self._handle(delivery)
-        except asyncio.CancelledError:
-            if not delivery.settled and not delivery.stale:
-                await self._safe(delivery.nack(requeue=True), delivery)
-            raise
-        except Exception:  # a bug in the engine itself: never lose the message
-            self._log.exception("consumer_error", message_id=delivery.message_id)
-            if not delivery.settled:
-                await self._safe(delivery.nack(requeue=True), delivery)
-        finally:
-            tasks.discard(task)
+    # -- per delivery (DeliveryConsumer runs the frame: tasks, context, span, logs) ----
 
     def _connection_lost(self) -> None:
         """The broker hands our unacked messages to another instance now: stop
@@ -249,29 +172,24 @@ class SubscriptionConsumer:
                 if not waiting.stale:
                     await self._safe(waiting.nack(requeue=True), waiting)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    def _admit(self, delivery: Delivery) -> Envelope | DecodeError:
         sub = self.subscription
         if len(delivery.body) > self._max_message_size:
-            err = DecodeError(
+            return DecodeError(
                 "too-large",
                 f"body is {len(delivery.body)} bytes, over this service's limit of "
                 f"{self._max_message_size} bytes",
             )
-            await self._dead_letter(delivery, err.reason, handler="", exc=err, attempt=1)
-            return
         try:
             envelope = decode(delivery, self._registry)
         except DecodeError as exc:
-            await self._dead_letter(delivery, exc.reason, handler="", exc=exc, attempt=1)
-            return
+            return exc
         if envelope.message_type != sub.message_type:
-            err = DecodeError(
+            return DecodeError(
                 "unknown-message-type",
                 f"{envelope.message_type} arrived on {sub.queue_name}, "
                 f"which is for {sub.message_type}",
             )
-            await self._dead_letter(delivery, err.reason, handler="", exc=err, attempt=1)
-            return
         handlers = self._by_version.get(envelope.version)
         if handlers is None:
             handlers = self._by_version[envelope.version] = [
@@ -279,13 +197,11 @@ class SubscriptionConsumer:
             ]
         if not handlers:
             served = sorted({v for h in sub.handlers for v in h.versions})
-            err = DecodeError(
+            return DecodeError(
                 "unknown-version",
                 f"{envelope.message_type} version {envelope.version} is served by no handler "
                 f"of group {sub.group!r} (served versions: {served})",
             )
-            await self._dead_letter(delivery, err.reason, handler="", exc=err, attempt=1)
-            return
         if (
             not self._warned_priority
             and sub.queue.queue_type == "quorum"
@@ -297,57 +213,14 @@ class SubscriptionConsumer:
                 detail="this subscription's quorum queue has no priorities on RabbitMQ 3.10; "
                 "subscribe with queue_type='classic' to honour them",
             )
-        ctx = self._context(envelope, delivery)
-        token = _current.set(ctx)
-        telemetry = self._telemetry
-        try:
-            with telemetry.process_span(
-                message_type=envelope.message_type,
-                version=envelope.version,
-                message_id=envelope.id,
-                correlation_id=envelope.correlation_id,
-                group=sub.group,
-                destination=delivery.exchange or sub.queue_name,
-                headers=delivery.headers,
-                envelope_trace=envelope.trace_context,
-                body_size=len(delivery.body),
-            ) as span:
-                ctx._span = span
-                trace_id, span_id = span_ids(span)
-                if trace_id is None and envelope.trace_context is not None:
-                    trace_id = envelope.trace_context.trace_id
-                # Each delivery runs in its own task, whose context dies with it, so
-                # binding without a reset is safe and saves a context snapshot per
-                # message (an ordered chain rebinds every key for its next message).
-                bind_message_log_context(
-                    envelope.id,
-                    envelope.message_type,
-                    envelope.version,
-                    envelope.correlation_id,
-                    envelope.causation_id,
-                    trace_id,
-                    span_id,
-                    self._service,
-                    sub.group,
-                )
-                await self._run_handlers(delivery, envelope, ctx, handlers)
-            if telemetry.enabled:
-                latency = (datetime.now(UTC) - envelope.timestamp).total_seconds()
-                telemetry.latency.record(max(latency, 0.0), self._labels)
-        finally:
-            _current.reset(token)
+        return envelope
 
-    def _context(self, envelope: Envelope, delivery: Delivery) -> MessageContext:
-        sub = self.subscription
-        return make_context(envelope, delivery, group=sub.group, auto_ack=sub.auto_ack)
+    async def _refuse(self, delivery: Delivery, error: DecodeError) -> None:
+        """Retrying cannot fix what cannot be decoded or served here: to the DLQ at once."""
+        await self._dead_letter(delivery, error.reason, handler="", exc=error, attempt=1)
 
-    async def _run_handlers(
-        self,
-        delivery: Delivery,
-        envelope: Envelope,
-        ctx: MessageContext,
-        handlers: list[HandlerSpec],
-    ) -> None:
+    async def _run(self, delivery: Delivery, envelope: Envelope, ctx: MessageContext) -> None:
+        handlers = self._by_version[envelope.version]  # filled in by _admit
         done_before = delivery.headers.get(HEADER_HANDLED)
         done: list[str] = [str(n) for n in done_before] if isinstance(done_before, list) else []
         dedup = self.subscription.dedup
@@ -410,11 +283,7 @@ class SubscriptionConsumer:
                     telemetry.handled.add(1, labels)
                 return
             except DeadlineExceeded as exc:
-                # Recorded as a plain TimeoutError, with the cancelled handler's stack.
-                cancelled = exc.__cause__
-                error: BaseException = TimeoutError(str(exc))
-                error.__cause__ = cancelled
-                error.__traceback__ = None if cancelled is None else cancelled.__traceback__
+                error: BaseException = timeout_error(exc)
                 reason = "timeout"
             except Exception as exc:
                 error = exc
@@ -597,37 +466,7 @@ class SubscriptionConsumer:
         )
         await self._safe(delivery.ack(), delivery)
 
-    async def _safe(self, settle: Coroutine[Any, Any, None], delivery: Delivery) -> None:
-        """Settle, tolerating a lost channel: the broker then redelivers, nothing is lost."""
-        try:
-            await settle
-        except BanyanError as exc:
-            self._log.warning("settle_failed", message_id=delivery.message_id, error=str(exc))
-
 
 def current_context_span() -> Any:
     ctx = current_context()
     return None if ctx is None else ctx._span
-
-
-def make_context(
-    envelope: Envelope, delivery: Delivery, *, group: str, auto_ack: bool = True
-) -> MessageContext:
-    headers = delivery.headers
-    attempt = headers.get(HEADER_ATTEMPT, 1)
-    delay = headers.get(HEADER_DELAY, 0)
-    return MessageContext(
-        id=envelope.id,
-        message_type=envelope.message_type,
-        version=envelope.version,
-        correlation_id=envelope.correlation_id,
-        causation_id=envelope.causation_id,
-        timestamp=envelope.timestamp,
-        delay=delay if isinstance(delay, int) and not isinstance(delay, bool) else 0,
-        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
-        service_name=envelope.service_name,
-        headers=headers,
-        group=group,
-        delivery=delivery,
-        auto_ack=auto_ack,
-    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pydantic_core
@@ -23,12 +24,14 @@ import structlog
 from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
-from banyan_bus.consume import HandlerTasks
-from banyan_bus.context import _current
+from banyan_bus.context import MessageContext
 from banyan_bus.contracts import ContractRegistry, routing_key_for
-from banyan_bus.envelope import DecodeError, decode
+from banyan_bus.deadlines import DeadlineExceeded
+from banyan_bus.delivery import DeliveryConsumer, timeout_error
+from banyan_bus.envelope import DecodeError, Envelope, decode
 from banyan_bus.errors import BanyanError, RemoteHandlerError, RequestTimeout, Unroutable
 from banyan_bus.handlers import HandlerSpec
+from banyan_bus.logcontext import bind_handler_log_context
 from banyan_bus.telemetry import Telemetry, fail
 from banyan_bus.topology import (
     COMMANDS_EXCHANGE,
@@ -39,13 +42,7 @@ from banyan_bus.topology import (
     apply,
     command_queue,
 )
-from banyan_bus.transport.base import (
-    DEFAULT_EXCHANGE,
-    Consumer,
-    Delivery,
-    OutgoingMessage,
-    Transport,
-)
+from banyan_bus.transport.base import DEFAULT_EXCHANGE, Delivery, OutgoingMessage, Transport
 
 log = structlog.get_logger("banyan_bus.rpc")
 
@@ -137,8 +134,15 @@ def _read_reply(reply: Delivery, message_type: str, result_type: Any) -> Any:
     return _adapter(result_type).validate_python(result)
 
 
-class CommandConsumer:
-    """The owner's side: consume the command queue, run the handler, reply."""
+class CommandConsumer(DeliveryConsumer):
+    """The owner's side: consume the command queue, run the handler, reply.
+
+    A request runs through the same delivery frame as an event
+    (:class:`~banyan_bus.delivery.DeliveryConsumer`): its context, a SERVER span,
+    the log fields, the handler's deadline and safe settling. What differs is
+    the end: a request is never retried or dead-lettered - the caller is waiting
+    - so every outcome, failure or refusal, is a reply, and the request is acked.
+    """
 
     def __init__(
         self,
@@ -150,114 +154,86 @@ class CommandConsumer:
         service: str,
         concurrency: int,
         timeout: float | None,
-        context_factory: Any,
         telemetry: Telemetry,
+        context_factory: Callable[[Envelope, Delivery], MessageContext] | None = None,
     ) -> None:
-        self._telemetry = telemetry
-        self._transport = transport
+        super().__init__(
+            transport=transport,
+            telemetry=telemetry,
+            service=service,
+            group=service,
+            message_type=message_type,
+            concurrency=concurrency,
+            timeout=timeout,
+            auto_ack=True,
+            destination=COMMANDS_EXCHANGE,
+            span_kind=SpanKind.SERVER,
+            log=log.bind(message_type=message_type),
+        )
         self._registry = registry
         self.message_type = message_type
         self._handler = handler
-        self._service = service
-        self._semaphore = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
-        self._timeout = timeout
         self._context_factory = context_factory
-        self._consumer: Consumer | None = None
-        self._tasks = HandlerTasks()
 
     async def start(self) -> None:
         await apply(self._transport, command_plan(self.message_type))
         queue = command_queue(self.message_type)
-        self._consumer = await self._transport.consume(
-            queue, self._on_delivery, prefetch=self._concurrency * 2
+        self._consumers.append(
+            await self._transport.consume(queue, self._on_delivery, prefetch=self._concurrency * 2)
         )
 
-    async def stop_consuming(self) -> None:
-        if self._consumer is not None:
-            consumer, self._consumer = self._consumer, None
-            await consumer.cancel()
+    def _context(self, envelope: Envelope, delivery: Delivery) -> MessageContext:
+        if self._context_factory is None:
+            return super()._context(envelope, delivery)
+        return self._context_factory(envelope, delivery)
 
-    async def wait_idle(self, timeout: float | None) -> bool:
-        return await self._tasks.wait_idle(timeout)
-
-    async def cancel_in_flight(self) -> None:
-        await self._tasks.cancel_and_wait()
-
-    async def _on_delivery(self, delivery: Delivery) -> None:
-        task = self._tasks.add_current()
-        try:
-            async with self._semaphore:
-                await self._handle(delivery)
-        except asyncio.CancelledError:
-            if not delivery.settled and not delivery.stale:
-                await delivery.nack(requeue=True)
-            raise
-        finally:
-            self._tasks.discard(task)
-
-    async def _handle(self, delivery: Delivery) -> None:
+    def _admit(self, delivery: Delivery) -> Envelope | DecodeError:
         try:
             envelope = decode(delivery, self._registry)
-            if not self._handler.serves(envelope.version):
-                raise DecodeError(
-                    "unknown-version",
-                    f"{envelope.message_type} version {envelope.version} has no handler here",
-                )
         except DecodeError as exc:
-            await self._reply(
-                delivery, {"ok": False, "error": {"type": "BadRequest", "message": str(exc)}}
+            return exc
+        if not self._handler.serves(envelope.version):
+            return DecodeError(
+                "unknown-version",
+                f"{envelope.message_type} version {envelope.version} has no handler here",
             )
-            await delivery.ack()
-            return
-        ctx = self._context_factory(envelope, delivery)
-        ctx.handler = self._handler.name
-        token = _current.set(ctx)
+        return envelope
+
+    async def _refuse(self, delivery: Delivery, error: DecodeError) -> None:
+        await self._reply(
+            delivery, {"ok": False, "error": {"type": "BadRequest", "message": str(error)}}
+        )
+        await self._safe(delivery.ack(), delivery)
+
+    async def _run(self, delivery: Delivery, envelope: Envelope, ctx: MessageContext) -> None:
+        handler = self._handler
+        ctx.handler = handler.name
+        bind_handler_log_context(handler.name, ctx.attempt)
+        deadlines = self._deadlines
         try:
-            with self._telemetry.process_span(
-                message_type=envelope.message_type,
-                version=envelope.version,
-                message_id=envelope.id,
-                correlation_id=envelope.correlation_id,
-                group=self._service,
-                destination=COMMANDS_EXCHANGE,
-                headers=delivery.headers,
-                envelope_trace=envelope.trace_context,
-                body_size=len(delivery.body),
-                kind=SpanKind.SERVER,
-            ) as span:
-                ctx._span = span
-                try:
-                    with structlog.contextvars.bound_contextvars(
-                        event_id=envelope.id,
-                        message_type=envelope.message_type,
-                        correlation_id=envelope.correlation_id,
-                        causation_id=envelope.causation_id,
-                        service=self._service,
-                        handler=self._handler.name,
-                    ):
-                        async with asyncio.timeout(self._timeout):
-                            result = await self._handler.invoke(envelope.payload, ctx)
-                except Exception as exc:
-                    fail(span, exc)
-                    raise
+            if deadlines is None:
+                result = await handler.invoke(envelope.payload, ctx)
+            else:
+                result = await deadlines.bounded(
+                    handler.invoke(envelope.payload, ctx), handler.name
+                )
         except Exception as exc:
-            log.warning(
+            error = timeout_error(exc) if isinstance(exc, DeadlineExceeded) else exc
+            fail(ctx._span, error)
+            self._log.warning(
                 "request_failed",
-                message_type=self.message_type,
                 message_id=envelope.id,
-                error=f"{type(exc).__qualname__}: {exc}",
+                error=f"{type(error).__qualname__}: {error}",
             )
             body: dict[str, Any] = {
                 "ok": False,
-                "error": {"type": type(exc).__qualname__, "message": str(exc)},
+                "error": {"type": type(error).__qualname__, "message": str(error)},
             }
         else:
             body = {"ok": True, "result": result}
-        finally:
-            _current.reset(token)
         await self._reply(delivery, body)
-        await delivery.ack()
+        await self._safe(delivery.ack(), delivery)
 
     async def _reply(self, delivery: Delivery, body: dict[str, Any]) -> None:
         if not delivery.reply_to:
@@ -281,4 +257,4 @@ class CommandConsumer:
                 confirm=False,
             )
         except BanyanError as exc:  # the caller went away: its request times out
-            log.warning("reply_failed", message_id=delivery.message_id, error=str(exc))
+            self._log.warning("reply_failed", message_id=delivery.message_id, error=str(exc))

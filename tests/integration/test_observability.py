@@ -16,7 +16,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from banyan_bus import Event, MessageBus, MessageContext, RetryPolicy
+from banyan_bus import (
+    Command,
+    CommandHandler,
+    Event,
+    MessageBus,
+    MessageContext,
+    RetryPolicy,
+)
 from tests.support import wait_until
 
 _exporter = InMemorySpanExporter()
@@ -195,3 +202,44 @@ async def test_log_lines_carry_context_and_correlation_chains(amqp_url: str, uni
     counted = next(c for c in captured if c.get("event") == "counted")
     assert counted["correlation_id"] == contexts["email"].correlation_id
     assert counted["causation_id"] == first
+
+
+class CheckLamp(Command):
+    beacon_id: str
+
+
+@CommandHandler(CheckLamp)
+class CheckLampHandler:
+    async def handle(self, command: CheckLamp) -> str:
+        structlog.get_logger("lamps").info("checking lamp")
+        return "ok"
+
+
+async def test_command_handler_log_lines_carry_the_trace_attempt_and_version(
+    amqp_url: str, unique, spans
+) -> None:
+    captured: list[dict[str, object]] = []
+
+    def keep(_: object, __: str, event_dict: dict[str, object]) -> dict[str, object]:
+        captured.append(dict(event_dict))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, keep])
+    try:
+        owner = MessageBus(unique("lamps"), amqp_url)
+        owner.include(CheckLampHandler)
+        caller = MessageBus(unique("tower"), amqp_url)
+        async with owner, caller:
+            assert await caller.send(CheckLamp(beacon_id="b9"), timeout=10) == "ok"
+    finally:
+        structlog.reset_defaults()
+    [server] = [s for s in spans.get_finished_spans() if s.name == "process CheckLamp"]
+    assert server.kind is SpanKind.SERVER
+    line = next(c for c in captured if c.get("event") == "checking lamp")
+    assert line["trace_id"] == format(server.context.trace_id, "032x")
+    assert line["span_id"] == format(server.context.span_id, "016x")
+    assert line["attempt"] == 1
+    assert line["version"] == 1
+    assert line["message_type"] == "CheckLamp"
+    assert line["group"] == owner.service
+    assert str(line["handler"]).endswith("CheckLampHandler")
