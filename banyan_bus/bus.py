@@ -14,7 +14,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType, TracebackType
-from typing import Any, Self, TypeVar, overload
+from typing import Any, Literal, Self, TypeVar, overload
 
 import structlog
 from dishka import Provider
@@ -44,6 +44,7 @@ from banyan_bus.envelope import (
 )
 from banyan_bus.errors import ConfigurationError, ContractError, HandlerError
 from banyan_bus.handlers import HandlerSpec, dispatch_table, function_handler, handler_options
+from banyan_bus.health import BusState, HealthMonitor, HealthReport
 from banyan_bus.idempotency import DEFAULT_TTL, IdempotencyStore, MemoryIdempotencyStore
 from banyan_bus.retry import RetryPolicy
 from banyan_bus.rpc import CommandConsumer, Requester, command_plan
@@ -71,6 +72,7 @@ from banyan_bus.topology import (
     QueueType,
     apply,
     check_group_name,
+    command_queue,
     delay_plan,
     delayed_publish_destination,
     group_plan,
@@ -150,6 +152,8 @@ class MessageBus:
         self._command_consumers: list[CommandConsumer] = []
         self._requester: Requester | None = None
         self._started = False
+        self._state: BusState = "stopped"
+        self._health = HealthMonitor(self.service)
         self._log = log.bind(service=service)
 
     def __repr__(self) -> str:
@@ -180,6 +184,11 @@ class MessageBus:
         return self._started
 
     @property
+    def state(self) -> BusState:
+        """``stopped``, ``starting``, ``running`` or ``draining`` (``stop()`` under way)."""
+        return self._state
+
+    @property
     def transport(self) -> Transport:
         if self._transport is None:
             raise RuntimeError(
@@ -191,6 +200,7 @@ class MessageBus:
         """Connect, declare the topology of every subscription, start consuming."""
         if self._started:
             return
+        self._state = "starting"
         if self._injector.needed:
             self._injector.build()  # fails here, before connecting, on a missing dependency
         transport = make_transport(
@@ -211,9 +221,12 @@ class MessageBus:
             for message_type, (spec, options) in self._commands.items():
                 await self._start_command_consumer(message_type, spec, options)
         except BaseException:
+            self._state = "stopped"
             await self._close_transport()
             raise
         self._started = True
+        self._state = "running"
+        self._health.forget()
         self._log.info(
             "bus_started", url=transport.display_url, subscriptions=len(self._subscriptions)
         )
@@ -222,6 +235,7 @@ class MessageBus:
         """Stop consuming, let in-flight handlers finish, return the rest, disconnect."""
         if self._transport is None:
             return
+        self._state = "draining"
         grace = self.grace_period if grace_period is None else grace_period
         consumers: list[SubscriptionConsumer | CommandConsumer] = [
             *self._consumers,
@@ -245,6 +259,7 @@ class MessageBus:
         await self._injector.close()
         await self.idempotency_store.close()
         self._started = False
+        self._state = "stopped"
         self._log.info("bus_stopped")
 
     async def _close_transport(self) -> None:
@@ -252,6 +267,32 @@ class MessageBus:
         self._delays_declared = False
         if transport is not None:
             await transport.close()
+
+    async def health(self, *, timeout: float = 2.0) -> HealthReport:
+        """Connection, consumers and a broker round-trip, as a :class:`HealthReport`.
+
+        ``report.ready`` is what a readiness probe wants: running, connected, and
+        every subscription consuming (False while reconnecting, and from the moment
+        ``stop()`` begins to drain). The round-trip is a confirmed publish that no
+        queue receives, bounded by ``timeout``; ``report.healthy`` also needs it.
+        See ``banyan_bus.health``.
+
+        Example::
+
+            report = await bus.health()
+            assert report.ready, report.problems
+        """
+        consumers: list[tuple[Literal["event", "command"], str, str, tuple[str, ...]]] = [
+            ("event", sub.group, sub.message_type, tuple(sub.queue_names))
+            for sub in self._subscriptions.values()
+        ]
+        consumers += [
+            ("command", self.service, message_type, (command_queue(message_type),))
+            for message_type in self._commands
+        ]
+        return await self._health.report(
+            self._state, self._transport, consumers, timeout=timeout
+        )
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no handler of this bus is running (for tests and shutdown)."""

@@ -12,12 +12,17 @@ from typing import Annotated
 import structlog
 import typer
 
-from banyan_bus.cli.errors import EXIT_INTERRUPTED, reported
+from banyan_bus import prometheus
+from banyan_bus.cli.errors import EXIT_INTERRUPTED, CliError, reported
 from banyan_bus.cli.output import configure_logging, options, quiet_clients
-from banyan_bus.cli.supervisor import ENV_PARENT, ENV_WORKER, supervise
-from banyan_bus.cli.targets import Target, locate, resolve, run_async
+from banyan_bus.cli.supervisor import ENV_PARENT, ENV_WORKER, force_exit, supervise
+from banyan_bus.cli.targets import Target, announce, locate, resolve, run_async
+from banyan_bus.probes import probe_servers
 
 log = structlog.get_logger("banyan_bus.cli")
+
+HEALTH_PORT_ENV = "BANYAN_HEALTH_PORT"
+METRICS_PORT_ENV = "BANYAN_METRICS_PORT"
 
 
 async def _watch_parent(parent: int, stop: Callable[[str], None]) -> None:
@@ -29,11 +34,25 @@ async def _watch_parent(parent: int, stop: Callable[[str], None]) -> None:
             return
 
 
-async def serve(target: Target, grace: float | None, loop_name: str, *, debug: bool) -> int:
-    """Start the target's bus, wait for a signal, stop it within ``grace`` seconds."""
+async def serve(
+    target: Target,
+    grace: float | None,
+    loop_name: str,
+    *,
+    debug: bool,
+    health_port: int | None = None,
+    metrics_port: int | None = None,
+) -> int:
+    """Start the target's bus, wait for a signal, stop it within ``grace`` seconds.
+
+    The probe servers (``--health-port``/``--metrics-port``) listen from before the
+    bus starts until after it stopped: ``/readyz`` answers 503 while it starts and
+    drains, ``/livez`` 200 throughout.
+    """
     bus = await resolve(target)
+    announce(bus)  # which broker, loudly (a bad URL stops here, exit 2)
+    probes = probe_servers(bus, health_port=health_port, metrics_port=metrics_port)
     loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
     stopping = asyncio.Event()
     why: list[str] = []
     bound = log.bind(service=bus.service, pid=os.getpid())
@@ -45,11 +64,10 @@ async def serve(target: Target, grace: float | None, loop_name: str, *, debug: b
         if not stopping.is_set():
             why.append(reason)
             stopping.set()
-        elif main_task is not None and reason != "supervisor-gone":
-            # A second Ctrl-C: stop waiting. Whatever is unacked goes back to its queue
+        elif reason != "supervisor-gone":
+            # A second Ctrl-C: exit now. Whatever is unacked goes back to its queue
             # when the connection drops, so this loses nothing; it only skips the grace.
-            bound.warning("forced_exit", signal=reason)
-            main_task.cancel()
+            force_exit()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig.name)
@@ -58,6 +76,8 @@ async def serve(target: Target, grace: float | None, loop_name: str, *, debug: b
     if parent is not None and parent.isdigit():
         watchdog = asyncio.create_task(_watch_parent(int(parent), stop))
     try:
+        for server in probes:
+            await server.start()
         await bus.start()
         if not debug:
             quiet_clients(False)  # connected: from now on their reconnect warnings matter
@@ -71,6 +91,8 @@ async def serve(target: Target, grace: float | None, loop_name: str, *, debug: b
     except asyncio.CancelledError:
         return EXIT_INTERRUPTED
     finally:
+        for server in probes:
+            await server.close()
         if watchdog is not None:
             watchdog.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -90,6 +112,26 @@ def run(
             help="Seconds in-flight handlers get to finish on stop (default: the bus's, 30).",
         ),
     ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            envvar=HEALTH_PORT_ENV,
+            help="Serve /livez, /readyz (and /metrics) over HTTP on this port. "
+            "With --workers N, worker k listens on this port + k.",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            envvar=METRICS_PORT_ENV,
+            help="Serve /metrics (Prometheus text) on this port; needs banyan-bus[prometheus]. "
+            "Without it, /metrics is on --health-port when the extra is installed.",
+        ),
+    ] = None,
 ) -> None:
     """Run a service until SIGTERM/SIGINT, then stop gracefully.
 
@@ -100,9 +142,28 @@ def run(
     configure_logging(opts, logging.INFO)
     with reported(debug=opts.debug):
         located = locate(target)  # fails here, once, before any worker starts
+        if metrics_port is not None and not prometheus.available():
+            raise CliError(f"--metrics-port: {prometheus.INSTALL_HINT}")
         if workers > 1:
+            # The workers read the ports from the environment (typer's envvar) and
+            # each adds its number, so N workers do not fight over one port.
+            for name, port in ((HEALTH_PORT_ENV, health_port), (METRICS_PORT_ENV, metrics_port)):
+                if port is not None:
+                    os.environ[name] = str(port)
             code = supervise(target, workers, grace, opts)
         else:
-            code = run_async(lambda loop_name: serve(located, grace, loop_name, debug=opts.debug))
+            offset = int(os.environ.get(ENV_WORKER, "0"))
+            health_port = None if health_port is None else health_port + offset
+            metrics_port = None if metrics_port is None else metrics_port + offset
+            code = run_async(
+                lambda loop_name: serve(
+                    located,
+                    grace,
+                    loop_name,
+                    debug=opts.debug,
+                    health_port=health_port,
+                    metrics_port=metrics_port,
+                )
+            )
     if code:
         raise typer.Exit(code)

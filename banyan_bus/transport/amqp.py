@@ -167,6 +167,7 @@ class _AmqpConsumer(Consumer):
         self._cancelled = False
         self._underlay: aiormq.abc.AbstractChannel | None = None
         self._settler: ChannelSettler | None = None
+        self._taking = False  # basic.consume answered, and the broker has not cancelled it
 
     async def start(self) -> None:
         await self._consume()
@@ -185,6 +186,19 @@ class _AmqpConsumer(Consumer):
         await underlay.basic_consume(
             self._queue, on_message, consumer_tag=self._tag, no_ack=self._no_ack
         )
+        self._taking = True
+
+    @property
+    def queue(self) -> str:
+        return self._queue
+
+    @property
+    def active(self) -> bool:
+        """Taking deliveries now: not cancelled (by us or the broker), its channel open."""
+        underlay = self._underlay
+        return (
+            self._taking and not self._cancelled and underlay is not None and not underlay.is_closed
+        )
 
     async def _reopened(self, *_: Any) -> None:
         if not self._cancelled:
@@ -195,6 +209,7 @@ class _AmqpConsumer(Consumer):
         once the queue is there, as aio-pika's robust queues do."""
         if frame.consumer_tag != self._tag or self._cancelled:
             return
+        self._taking = False
         log.warning("consumer_cancelled_by_broker", queue=self._queue)
         self._transport._spawn(self._resume())
 
@@ -424,6 +439,17 @@ class AmqpTransport(Transport):
 
     def on_connection_lost(self, callback: Callable[[], None]) -> None:
         self._conn().close_callbacks.add(lambda *_: callback())
+
+    @property
+    def connected(self) -> bool:
+        # aio-pika clears ``connected`` when the connection drops and sets it again
+        # once a reconnect attempt got through (before channels are restored: the
+        # consumers answer for their own channels in ``consuming``).
+        connection = self._connection
+        return connection is not None and connection.connected.is_set()
+
+    def consuming(self, queue: str) -> bool:
+        return self.connected and any(c.queue == queue and c.active for c in self._consumers)
 
     def _conn(self) -> AbstractRobustConnection:
         if self._connection is None:

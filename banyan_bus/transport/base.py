@@ -173,6 +173,21 @@ class Transport(ABC):
         Deliveries in flight at that moment are stale: the broker requeues them.
         """
 
+    @property
+    @abstractmethod
+    def connected(self) -> bool:
+        """True while the connection is open: False while it is being re-established
+        (the AMQP transport reconnects by itself), and before ``connect``/after ``close``.
+
+        A cheap, local answer (no broker round-trip): what ``bus.health()`` reads.
+        """
+
+    @abstractmethod
+    def consuming(self, queue: str) -> bool:
+        """True while a consumer of this connection takes ``queue``'s messages: started,
+        not cancelled, and its channel open (False between a connection loss and the
+        consumer's recovery, or after the broker cancelled it). Cheap and local."""
+
     @abstractmethod
     async def declare_exchange(
         self,

@@ -59,6 +59,16 @@ class MemoryTransport(Transport):
     def on_connection_lost(self, callback: Callable[[], None]) -> None:
         self._open().lost_callbacks.append(callback)
 
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.closed
+
+    def consuming(self, queue: str) -> bool:
+        connection = self._connection
+        if connection is None or connection.closed:
+            return False
+        return any(c.queue.name == queue and not c.cancelled for c in connection.consumers)
+
     async def declare_exchange(
         self,
         name: str,
