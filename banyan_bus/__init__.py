@@ -31,7 +31,13 @@ from banyan_bus.errors import (
     TopologyMismatch,
     Unroutable,
 )
-from banyan_bus.handlers import CommandHandler, EventHandler, QueryHandler, upcaster
+from banyan_bus.handlers import (
+    CommandHandler,
+    EventHandler,
+    QueryHandler,
+    downcaster,
+    upcaster,
+)
 from banyan_bus.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
 from banyan_bus.retry import RetryPolicy
 
@@ -71,5 +77,6 @@ __all__ = [
     "TopologyMismatch",
     "Unroutable",
     "current_context",
+    "downcaster",
     "upcaster",
 ]

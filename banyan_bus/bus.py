@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType, TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
@@ -43,7 +43,14 @@ from banyan_bus.envelope import (
     encode,
 )
 from banyan_bus.errors import ConfigurationError, ContractError, HandlerError
-from banyan_bus.handlers import HandlerSpec, dispatch_table, function_handler, handler_options
+from banyan_bus.handlers import (
+    HandlerSpec,
+    dispatch_table,
+    function_handler,
+    handler_options,
+    pinned_versions,
+    read_as,
+)
 from banyan_bus.health import BusState, HealthMonitor, HealthReport
 from banyan_bus.idempotency import DEFAULT_TTL, IdempotencyStore, MemoryIdempotencyStore
 from banyan_bus.retry import RetryPolicy
@@ -103,6 +110,9 @@ class MessageBus:
     ``grace_period`` seconds that ``stop()`` lets in-flight handlers finish;
     ``publish_timeout`` seconds a publish waits for the broker's confirm (through a
     reconnect, a memory alarm) before it raises ``PublishError``.
+    ``publish_versions`` pins the version ``publish`` emits per contract
+    (``{UserCreated: 1}``, or by type name) while subscribers catch up: a newer
+    event is sent as that version (see ``@downcaster``).
     """
 
     def __init__(
@@ -120,6 +130,7 @@ class MessageBus:
         idempotency_store: IdempotencyStore | None = None,
         idempotency_ttl: float = DEFAULT_TTL,
         contracts: ContractRegistry | None = None,
+        publish_versions: Mapping[type[Message] | str, int] | None = None,
     ) -> None:
         self.service = check_group_name(service, what="service")
         self.url = url or os.environ.get("BANYAN_URL") or DEFAULT_URL
@@ -141,6 +152,7 @@ class MessageBus:
         self.idempotency_store: IdempotencyStore = idempotency_store or MemoryIdempotencyStore()
         self.idempotency_ttl = idempotency_ttl
         self.contracts = contracts or registry
+        self.pinned_contracts = pinned_versions(publish_versions or {}, self.contracts)
         self._transport: Transport | None = None
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
         self._consumers: list[SubscriptionConsumer] = []
@@ -692,6 +704,15 @@ class MessageBus:
         handled unless given (an outbox relay gives the stored ones).
         """
         event = self._coerce(message, data)
+        pinned = self.pinned_contracts.get(type(event).__message_type__)
+        if pinned is not None and type(event) is not pinned:
+            try:
+                event = read_as(event, pinned)
+            except ContractError as exc:
+                raise ContractError(
+                    f"publish_versions pins {pinned.__message_type__} to "
+                    f"v{pinned.__message_version__}, and {exc}"
+                ) from exc
         ctx = current_context()
         if ctx is not None:
             causation_id = causation_id or ctx.id
