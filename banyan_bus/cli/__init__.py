@@ -7,6 +7,7 @@
     banyan topology examples.signup.email_service:bus [--declare] [--json]
     banyan asyncapi examples.signup.email_service:bus [-o asyncapi.json]
     banyan dlq list|show|replay|purge examples.signup.email_service:bus [--type T] [--group G]
+    banyan contracts snapshot|check examples.signup.email_service:bus
 
 A *target* is ``module:attribute``: the attribute is a ``MessageBus``, or
 ``module:factory()`` names a callable (sync or async) that returns one. The
@@ -17,7 +18,7 @@ broker that does not answer) print one line on stderr and exit non-zero:
 2 for bad input, 1 for everything else. ``--debug`` shows the traceback.
 
 One module per command group, wired here: ``run`` (and ``supervisor`` for
-``--workers``), ``publish``, ``topology``, ``asyncapi``, ``dlq``; beneath them
+``--workers``), ``publish``, ``topology``, ``asyncapi``, ``dlq``, ``contracts``; beneath them
 ``targets`` (loading the user's service), ``errors`` (one-line reporting) and
 ``output`` (stdout/stderr, the root options). The root options travel in
 typer's context object (``ctx.obj``), not in a module global.
@@ -29,7 +30,7 @@ from typing import Annotated
 
 import typer
 
-from banyan_bus.cli import asyncapi, dlq, publish, run, topology
+from banyan_bus.cli import asyncapi, contracts, dlq, publish, run, topology
 from banyan_bus.cli.errors import CliError
 from banyan_bus.cli.output import LogFormat, Options
 
@@ -64,6 +65,7 @@ app.command()(publish.publish)
 app.command()(topology.topology)
 app.command()(asyncapi.asyncapi)
 app.add_typer(dlq.app, name="dlq")
+app.add_typer(contracts.app, name="contracts")
 
 
 def main() -> None:
