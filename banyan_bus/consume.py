@@ -40,7 +40,7 @@ from banyan_bus.deadletter import (
 )
 from banyan_bus.deadlines import DeadlineExceeded
 from banyan_bus.delay import delay_route
-from banyan_bus.delivery import DeliveryConsumer, make_context, timeout_error
+from banyan_bus.delivery import DeliveryConsumer, timeout_error
 from banyan_bus.envelope import (
     HEADER_ATTEMPT,
     HEADER_PARTITION_KEY,
@@ -59,8 +59,7 @@ from banyan_bus.subscription import Subscription
 from banyan_bus.telemetry import Telemetry, fail
 from banyan_bus.transport.base import Delivery, Headers, HeaderValue, Transport
 
-# make_context lives in delivery.py; named here too for the modules that import it from here.
-__all__ = ["BUSY_RETRY_DELAY_S", "Subscription", "SubscriptionConsumer", "make_context"]
+__all__ = ["BUSY_RETRY_DELAY_S", "Subscription", "SubscriptionConsumer"]
 
 log = structlog.get_logger("banyan_bus.consume")
 

@@ -292,6 +292,6 @@ def _chosen(
     return where is None or where(dead)
 
 
-# The old name of ``DeadLetterQueue(...)``, importable while callers move (not exported):
-# ``topology.dead_letter_queue`` is the queue's *name*, this was the queue.
+# The old name of ``DeadLetterQueue(...)``, importable until the CLI's last caller moves
+# (not exported): ``topology.dead_letter_queue`` is the queue's *name*.
 dead_letter_queue = DeadLetterQueue

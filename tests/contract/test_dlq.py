@@ -13,7 +13,7 @@ import pytest
 
 from banyan_bus import Event, MessageBus, MessageContext, RetryPolicy, TopologyError
 from banyan_bus.bus import make_transport
-from banyan_bus.dlq import DeadLetter, DeadLetterQueue, dead_letter_queue
+from banyan_bus.dlq import DeadLetter, DeadLetterQueue
 from tests.support import duplicates, wait_until
 
 NO_RETRY = RetryPolicy.none()
@@ -72,7 +72,7 @@ async def dead_letter(
     await bus.subscribe(InvoiceIssued, handler.handler(), retry=NO_RETRY)
     await bus.start()
     ids = [await bus.publish(InvoiceIssued(invoice_id=f"inv-{i}", seq=i)) for i in range(n)]
-    dlq = dead_letter_queue(bus.transport, group, InvoiceIssued)
+    dlq = DeadLetterQueue(bus.transport, group, InvoiceIssued)
     await wait_count(dlq, n)
     return bus, handler, dlq, ids
 
@@ -213,7 +213,7 @@ async def test_replay_to_a_deleted_exchange_leaves_everything_in_the_dlq(
     admin = make_transport(bus_url, name=unique("admin"))
     await admin.connect()
     try:
-        dlq = dead_letter_queue(admin, dlq.group, InvoiceIssued)
+        dlq = DeadLetterQueue(admin, dlq.group, InvoiceIssued)
         before = await dlq.list()
         await admin.delete_exchange(dlq.target_exchange)
         result = await dlq.replay()
@@ -239,7 +239,7 @@ async def test_replay_that_reaches_no_queue_leaves_everything_in_the_dlq(
     admin = make_transport(bus_url, name=unique("admin"))
     await admin.connect()
     try:
-        dlq = dead_letter_queue(admin, dlq.group, InvoiceIssued)
+        dlq = DeadLetterQueue(admin, dlq.group, InvoiceIssued)
         await admin.delete_queue(dlq.target_exchange)  # the group queue has the same name
         result = await dlq.replay()
         assert result.replayed == []
@@ -308,7 +308,7 @@ async def test_broker_side_dead_letters_are_read_and_replayed(
     sub = await bus.subscribe(InvoiceIssued, handle, auto_ack=False, retry=NO_RETRY)
     async with bus:
         message_id = await bus.publish(InvoiceIssued(invoice_id="inv-r"))
-        dlq = dead_letter_queue(bus.transport, group, "InvoiceIssued")
+        dlq = DeadLetterQueue(bus.transport, group, "InvoiceIssued")
         await wait_count(dlq, 1)
         [dead] = await dlq.list()
         assert dead.source == "broker"
@@ -334,7 +334,7 @@ async def test_an_unknown_dlq_is_an_error_that_says_so(
     bus_url: str, unique: Callable[[str], str]
 ) -> None:
     async with MessageBus(unique("svc"), bus_url) as bus:
-        dlq = dead_letter_queue(bus.transport, unique("nobody"), InvoiceIssued)
+        dlq = DeadLetterQueue(bus.transport, unique("nobody"), InvoiceIssued)
         with pytest.raises(TopologyError, match="does not exist"):
             await dlq.count()
         with pytest.raises(TopologyError, match="does not exist"):

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from banyan_bus import BusCapacityExceeded, Event, MessageBus, MessageContext, RetryPolicy
 from banyan_bus.bus import make_transport
-from banyan_bus.dlq import DeadLetter, dead_letter_queue
+from banyan_bus.dlq import DeadLetter, DeadLetterQueue
 from banyan_bus.topology import QueueType
 from banyan_bus.transport.base import Headers, HeaderValue, OutgoingMessage, Transport
 from tests.support import duplicates, wait_until
@@ -234,7 +234,7 @@ async def test_poison_goes_to_the_dlq_while_the_consumer_goes_on(
             content_type="application/json",
         )
         valid += [await publisher.publish(CrateSealed(crate_id=f"c{i}")) for i in range(50, 100)]
-        dlq = dead_letter_queue(bus.transport, group, CrateSealed)
+        dlq = DeadLetterQueue(bus.transport, group, CrateSealed)
 
         async def settled() -> bool:
             if not set(valid) <= set(handled):
@@ -449,7 +449,7 @@ async def check_every_input_is_accounted_for(url: str, group: str, inputs: list[
                 )
             # The consumer is still alive after all of that:
             await bus.publish(CrateSealed(crate_id="last"), headers={INPUT_HEADER: "sentinel"})
-            dlq = dead_letter_queue(bus.transport, group, CrateSealed)
+            dlq = DeadLetterQueue(bus.transport, group, CrateSealed)
             total = len(inputs) + 1
 
             async def all_settled() -> bool:
@@ -552,7 +552,7 @@ async def test_a_header_from_a_foreign_client_does_not_wedge_dead_lettering(
     await consumer.subscribe(CrateSealed, handle)
     with structlog.testing.capture_logs() as logs:
         async with consumer:
-            dlq = dead_letter_queue(consumer.transport, group, CrateSealed)
+            dlq = DeadLetterQueue(consumer.transport, group, CrateSealed)
 
             async def dead_lettered() -> bool:
                 return await dlq.count() == 1
