@@ -20,7 +20,7 @@ import structlog
 from dishka import Provider
 from opentelemetry.trace import SpanKind
 
-from banyan_bus.consume import SubscriptionConsumer, make_context
+from banyan_bus.consume import SubscriptionConsumer
 from banyan_bus.context import MessageContext, current_context
 from banyan_bus.contracts import (
     Command,
@@ -32,8 +32,9 @@ from banyan_bus.contracts import (
     routing_key_for,
 )
 from banyan_bus.delay import delay_route, parse_after
+from banyan_bus.delivery import make_context
 from banyan_bus.di import Injector
-from banyan_bus.dlq import DeadLetterQueue, dead_letter_queue
+from banyan_bus.dlq import DeadLetterQueue
 from banyan_bus.envelope import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_DELAY,
@@ -408,7 +409,7 @@ class MessageBus:
         ``list()``/``find()`` to inspect, ``replay()`` to send back to that group
         alone (same message id, attempts reset), ``purge()``. Needs a started bus.
         """
-        return dead_letter_queue(self.transport, group, contract)
+        return DeadLetterQueue(self.transport, group, contract)
 
     def _record(
         self, contract: type[Message], spec: HandlerSpec, options: SubscriptionOptions
