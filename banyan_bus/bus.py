@@ -56,6 +56,7 @@ from banyan_bus.health import BusState, HealthMonitor, HealthReport
 from banyan_bus.idempotency import DEFAULT_TTL, IdempotencyStore, MemoryIdempotencyStore
 from banyan_bus.retry import RetryPolicy
 from banyan_bus.rpc import CommandConsumer, Requester, command_plan
+from banyan_bus.stage import STAGE_ENV, check_stage, scoped_url
 from banyan_bus.subscription import (
     BUS_DEFAULT,
     DEFAULT_CONCURRENCY,
@@ -98,6 +99,13 @@ M = TypeVar("M", bound=Message)
 DEFAULT_URL = "memory://"
 
 
+def _published(contracts: Sequence[type[Event]]) -> tuple[type[Event], ...]:
+    for contract in contracts:
+        if not (isinstance(contract, type) and issubclass(contract, Event)):
+            raise ConfigurationError(f"publishes= takes event contracts, got {contract!r}")
+    return tuple(contracts)
+
+
 class MessageBus:
     """A service's connection to the event bus: publish, subscribe, start, stop.
 
@@ -111,6 +119,8 @@ class MessageBus:
     ``grace_period`` seconds that ``stop()`` lets in-flight handlers finish;
     ``publish_timeout`` seconds a publish waits for the broker's confirm (through a
     reconnect, a memory alarm) before it raises ``PublishError``.
+    ``stage`` (else ``BANYAN_STAGE``) puts the bus in that stage's vhost (``stage.py``);
+    ``publishes`` names the event contracts the service publishes (its AsyncAPI document).
     ``publish_versions`` pins the version ``publish`` emits per contract
     (``{UserCreated: 1}``, or by type name) while subscribers catch up: a newer
     event is sent as that version (see ``@downcaster``).
@@ -131,10 +141,16 @@ class MessageBus:
         idempotency_store: IdempotencyStore | None = None,
         idempotency_ttl: float = DEFAULT_TTL,
         contracts: ContractRegistry | None = None,
+        stage: str | None = None,
+        publishes: Sequence[type[Event]] | None = None,
         publish_versions: Mapping[type[Message] | str, int] | None = None,
     ) -> None:
         self.service = check_group_name(service, what="service")
-        self.url = url or os.environ.get("BANYAN_URL") or DEFAULT_URL
+        #: ``stage`` (else ``BANYAN_STAGE``) scopes the bus to that stage's vhost (stage.py).
+        self.stage = check_stage(stage or os.environ.get(STAGE_ENV) or None)
+        self.url = scoped_url(url or os.environ.get("BANYAN_URL") or DEFAULT_URL, self.stage)
+        #: The events this service publishes, as it declares them (AsyncAPI); None: not said.
+        self.publishes = None if publishes is None else _published(publishes)
         QueueOptions(queue_type=queue_type)  # validates
         self.queue_type: QueueType = queue_type
         self.retry = retry if retry is not None else RetryPolicy.default()

@@ -32,7 +32,7 @@ class PlaceOrderHandler:
 
 
 def create_bus(url: str | None = None) -> MessageBus:
-    bus = MessageBus(SERVICE, url)
+    bus = MessageBus(SERVICE, url, publishes=[OrderPlaced])
     bus.include(PlaceOrderHandler)
     return bus
 

@@ -59,7 +59,7 @@ class ChargeOrder:
 
 
 def create_bus(url: str | None = None) -> MessageBus:
-    bus = MessageBus(SERVICE, url, providers=[PaymentsProvider()])
+    bus = MessageBus(SERVICE, url, providers=[PaymentsProvider()], publishes=[PaymentProcessed])
     bus.include(ChargeOrder)
     return bus
 

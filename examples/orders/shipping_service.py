@@ -81,7 +81,7 @@ class ShipOrder:
 
 
 def create_bus(url: str | None = None) -> MessageBus:
-    bus = MessageBus(SERVICE, url, providers=[ShippingProvider()])
+    bus = MessageBus(SERVICE, url, providers=[ShippingProvider()], publishes=[OrderShipped])
     bus.include(RecordPayment, ShipOrder)
     return bus
 

@@ -29,7 +29,7 @@ class SignupStats:
 
 
 def create_bus(url: str | None = None) -> MessageBus:
-    bus = MessageBus(SERVICE, url)
+    bus = MessageBus(SERVICE, url, publishes=[])
     stats = SignupStats()
     log = structlog.get_logger("examples.analytics").bind(group=SERVICE)
 

@@ -60,7 +60,7 @@ class SendWelcomeEmail:
 
 
 def create_bus(url: str | None = None) -> MessageBus:
-    bus = MessageBus(SERVICE, url, providers=[EmailProvider()])
+    bus = MessageBus(SERVICE, url, providers=[EmailProvider()], publishes=[EmailSent])
     bus.include(SendWelcomeEmail)
     return bus
 

@@ -57,7 +57,7 @@ class NotifyAdmins:
 
 
 def create_bus(url: str | None = None) -> MessageBus:
-    bus = MessageBus(SERVICE, url, providers=[NotifierProvider()])
+    bus = MessageBus(SERVICE, url, providers=[NotifierProvider()], publishes=[])
     bus.include(NotifyAdmins)
     return bus
 

@@ -100,7 +100,7 @@ class GetUserHandler:
 
 def create_bus(url: str | None = None) -> MessageBus:
     """The service's bus (URL from ``url``, else ``BANYAN_URL``, else ``memory://``)."""
-    bus = MessageBus(SERVICE, url, providers=[UsersProvider()])
+    bus = MessageBus(SERVICE, url, providers=[UsersProvider()], publishes=[UserCreated])
     bus.include(CreateUserHandler, GetUserHandler)
     return bus
 
