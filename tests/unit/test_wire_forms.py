@@ -53,9 +53,11 @@ def test_a_naive_datetime_is_taken_as_utc() -> None:
 def test_the_mark_never_reaches_the_user() -> None:
     event = _event()
     text = event.model_dump_json(by_alias=True)
-    assert "banyan-decimal" not in text and '"amount":99.990' in text
+    assert "banyan-decimal" not in text
+    assert '"amount":99.990' in text
     dumped = event.model_dump(mode="json")
-    assert dumped["amount"] == "99.990" and dumped["fees"] == ["0.10", "-1E+3"]
+    assert dumped["amount"] == "99.990"
+    assert dumped["fees"] == ["0.10", "-1E+3"]
     assert dumped["rates"] == {"eur": "1.0842"}
     assert event.model_dump()["amount"] == Decimal("99.990")
 
@@ -63,5 +65,6 @@ def test_the_mark_never_reaches_the_user() -> None:
 def test_round_trip() -> None:
     event = _event()
     again = LedgerPosted.model_validate_json(event.model_dump_json())
-    assert again.amount == event.amount and again.fees == event.fees
+    assert again.amount == event.amount
+    assert again.fees == event.fees
     assert again.posted_at == event.posted_at.replace(microsecond=123000)
