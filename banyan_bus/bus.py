@@ -646,7 +646,7 @@ class MessageBus:
                 correlation_id=ctx.correlation_id if ctx else None,
                 causation_id=ctx.id if ctx else None,
                 headers=headers,
-                trace_context=Telemetry.trace_context(span),
+                trace_context=Telemetry.trace_context(span, headers),
                 max_size=self.max_message_size,
             )
             try:
@@ -764,7 +764,7 @@ class MessageBus:
                 service_name=self.service,
                 priority=priority,
                 headers=extra,
-                trace_context=Telemetry.trace_context(span),
+                trace_context=Telemetry.trace_context(span, extra),
                 max_size=self.max_message_size,
             )
             if span is not None:

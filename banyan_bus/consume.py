@@ -299,7 +299,7 @@ class SubscriptionConsumer(DeliveryConsumer):
             )
             if ctx.settled or not in_place:
                 raise _Failure(reason, handler.name, error, decision)
-            fail(ctx._span, error, event="retry", attempt=ctx.attempt, delay_s=decision.delay_s)
+            fail(ctx.span, error, event="retry", attempt=ctx.attempt, delay_s=decision.delay_s)
             if labels is not None:
                 telemetry.retried.add(1, labels)
             self._log.info(
@@ -325,7 +325,7 @@ class SubscriptionConsumer(DeliveryConsumer):
                 self._log.error("retry_publish_failed", message_id=ctx.id, error=str(exc))
             else:
                 fail(
-                    ctx._span,
+                    ctx.span,
                     failure.exc,
                     event="retry",
                     attempt=ctx.attempt,
@@ -468,4 +468,4 @@ class SubscriptionConsumer(DeliveryConsumer):
 
 def current_context_span() -> Any:
     ctx = current_context()
-    return None if ctx is None else ctx._span
+    return None if ctx is None else ctx.span

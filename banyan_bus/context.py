@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from banyan_bus.transport.base import Delivery, Headers
+
+if TYPE_CHECKING:
+    from banyan_bus.envelope import TraceContext
 
 _current: ContextVar[MessageContext | None] = ContextVar("banyan_current_message", default=None)
 
@@ -33,7 +36,6 @@ class MessageContext:
     __slots__ = (
         "_auto_ack",
         "_delivery",
-        "_span",
         "attempt",
         "causation_id",
         "correlation_id",
@@ -44,7 +46,9 @@ class MessageContext:
         "id",
         "message_type",
         "service_name",
+        "span",
         "timestamp",
+        "trace_context",
         "version",
     )
 
@@ -64,6 +68,7 @@ class MessageContext:
         group: str,
         delivery: Delivery | None = None,
         auto_ack: bool = True,
+        trace_context: TraceContext | None = None,
     ) -> None:
         self.id = id
         self.message_type = message_type
@@ -79,7 +84,12 @@ class MessageContext:
         self.handler: str = ""
         self._delivery = delivery
         self._auto_ack = auto_ack
-        self._span: Any = None  # the OTel span of this handling, when tracing
+        #: The W3C trace context the message arrived with (its envelope's), if any: what
+        #: a publish from this handler continues when no OpenTelemetry SDK is set up.
+        self.trace_context = trace_context
+        #: The OpenTelemetry span of this handling (add attributes or events to it), or
+        #: None when tracing is off. Set by the consumer once the span is open.
+        self.span: Any = None
 
     def __repr__(self) -> str:
         return (

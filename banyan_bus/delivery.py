@@ -111,6 +111,7 @@ def make_context(
         group=group,
         delivery=delivery,
         auto_ack=auto_ack,
+        trace_context=envelope.trace_context,
     )
 
 
@@ -228,7 +229,7 @@ class DeliveryConsumer(ABC):
                 body_size=len(delivery.body),
                 kind=self._span_kind,
             ) as span:
-                ctx._span = span
+                ctx.span = span
                 trace_id, span_id = span_ids(span)
                 if trace_id is None and envelope.trace_context is not None:
                     trace_id = envelope.trace_context.trace_id

@@ -220,7 +220,7 @@ class CommandConsumer(DeliveryConsumer):
                 )
         except Exception as exc:
             error = timeout_error(exc) if isinstance(exc, DeadlineExceeded) else exc
-            fail(ctx._span, error)
+            fail(ctx.span, error)
             self._log.warning(
                 "request_failed",
                 message_id=envelope.id,

@@ -13,6 +13,8 @@ here beyond one attribute check: every microsecond per message shows.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -21,6 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from banyan_bus.context import MessageContext, current_context
 from banyan_bus.envelope import HEADER_TRACEPARENT, HEADER_TRACESTATE, TraceContext
 from banyan_bus.transport.base import Headers
 
@@ -147,18 +150,30 @@ class Telemetry:
             yield span
 
     @staticmethod
-    def trace_context(span: Span | None) -> dict[str, str] | None:
-        """The envelope's ``traceContext`` for ``span``."""
-        if span is None:
-            return None
-        ctx = span.get_span_context()
-        if not ctx.is_valid:
-            return None
-        return {
-            "traceId": format(ctx.trace_id, "032x"),
-            "spanId": format(ctx.span_id, "016x"),
-            "traceFlags": format(int(ctx.trace_flags), "02x"),
-        }
+    def trace_context(span: Span | None, headers: Headers) -> dict[str, str]:
+        """The envelope's ``traceContext`` for a publish: always a valid W3C context.
+
+        The platform's envelope always carries one, and its TypeScript services read
+        ``env.traceContext.traceId`` unguarded, so there is one with or without an
+        OpenTelemetry SDK. With a recording (or propagated) span, it is that span's.
+        Without one, a publish inside a handler continues the incoming trace (same
+        trace id and flags, a new span id) so the trace survives a Python hop; any
+        other publish starts a trace. ``headers`` gets the matching ``traceparent``
+        when the SDK did not already write one.
+        """
+        if span is not None:
+            sc = span.get_span_context()
+            if sc.is_valid:
+                return {
+                    "traceId": format(sc.trace_id, "032x"),
+                    "spanId": format(sc.span_id, "016x"),
+                    "traceFlags": format(int(sc.trace_flags), "02x"),
+                }
+        parent = _incoming_trace(current_context())
+        trace_id, flags = parent if parent is not None else (os.urandom(16).hex(), "01")
+        span_id = os.urandom(8).hex()
+        headers.setdefault(HEADER_TRACEPARENT, f"00-{trace_id}-{span_id}-{flags}")
+        return {"traceId": trace_id, "spanId": span_id, "traceFlags": flags}
 
     # -- consumer -------------------------------------------------------------------
 
@@ -231,6 +246,31 @@ class Telemetry:
                 yield span
         finally:
             otel_context.detach(token)
+
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$")
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+_FLAGS = re.compile(r"^[0-9a-f]{2}$")
+_NO_TRACE = "0" * 32
+
+
+def _incoming_trace(ctx: MessageContext | None) -> tuple[str, str] | None:
+    """(trace id, flags) of the message being handled: its envelope's, else its header's."""
+    if ctx is None:
+        return None
+    trace = ctx.trace_context  # from the wire: anything may be in it
+    if trace is not None:
+        trace_id, flags = trace.trace_id.lower(), trace.trace_flags.lower()
+        if _TRACE_ID.match(trace_id) and trace_id != _NO_TRACE:
+            return trace_id, flags if _FLAGS.match(flags) else "01"
+    value = ctx.headers.get(HEADER_TRACEPARENT)
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, str):
+        match = _TRACEPARENT.match(value.strip().lower())
+        if match and match[1] != _NO_TRACE:
+            return match[1], match[2]
+    return None
 
 
 def _extract(headers: Headers, envelope_trace: TraceContext | None) -> otel_context.Context:
