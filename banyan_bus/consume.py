@@ -4,8 +4,9 @@ Per delivery, in order:
 
 1. decode the envelope; a message that cannot be decoded is dead-lettered at
    once (retrying cannot fix it);
-2. run the group's handlers that serve the message's version, in definition
-   order, each bounded by ``timeout`` and by the subscription's ``concurrency``;
+2. run the group's handlers that serve the message's version (or the older
+   version it reads as: ``handlers.VersionReader``), in definition order,
+   each bounded by ``timeout`` and by the subscription's ``concurrency``;
 3. on success ack; on failure ask the ``RetryPolicy``: run again now, send
    back through the delay levels to *this group's* exchange with ``x-attempt``
    + 1, or move to the DLQ with the failure's details. The original is acked
@@ -47,11 +48,10 @@ from banyan_bus.envelope import (
     PRIORITY_LEVELS,
     DecodeError,
     Envelope,
-    decode,
     format_timestamp,
 )
 from banyan_bus.errors import BanyanError
-from banyan_bus.handlers import HandlerSpec
+from banyan_bus.handlers import HandlerSpec, VersionReader
 from banyan_bus.idempotency import Deduplicator, IdempotencyKeyBusy, IdempotencyStoreError
 from banyan_bus.logcontext import bind_handler_log_context
 from banyan_bus.retry import RetryDecision
@@ -123,8 +123,11 @@ class SubscriptionConsumer(DeliveryConsumer):
         # Ordered subscriptions: deliveries waiting behind a running one of the same key.
         self._chains: dict[str, deque[Delivery]] = {}
         self._warned_priority = False
-        # Which handlers serve a version, worked out once per version, not per message.
-        self._by_version: dict[int, list[HandlerSpec]] = {}
+        # How each version is read (directly, or tolerantly as an older one) and by
+        # which handlers: worked out once per version, not per message.
+        self._reader = VersionReader(
+            subscription.message_type, subscription.handlers, registry, subscription.group
+        )
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -179,27 +182,14 @@ class SubscriptionConsumer(DeliveryConsumer):
                 f"body is {len(delivery.body)} bytes, over this service's limit of "
                 f"{self._max_message_size} bytes",
             )
-        try:
-            envelope = decode(delivery, self._registry)
-        except DecodeError as exc:
-            return exc
+        envelope = self._reader.read(delivery)
+        if isinstance(envelope, DecodeError):
+            return envelope
         if envelope.message_type != sub.message_type:
             return DecodeError(
                 "unknown-message-type",
                 f"{envelope.message_type} arrived on {sub.queue_name}, "
                 f"which is for {sub.message_type}",
-            )
-        handlers = self._by_version.get(envelope.version)
-        if handlers is None:
-            handlers = self._by_version[envelope.version] = [
-                h for h in sub.handlers if h.serves(envelope.version)
-            ]
-        if not handlers:
-            served = sorted({v for h in sub.handlers for v in h.versions})
-            return DecodeError(
-                "unknown-version",
-                f"{envelope.message_type} version {envelope.version} is served by no handler "
-                f"of group {sub.group!r} (served versions: {served})",
             )
         if (
             not self._warned_priority
@@ -219,7 +209,7 @@ class SubscriptionConsumer(DeliveryConsumer):
         await self._dead_letter(delivery, error.reason, handler="", exc=error, attempt=1)
 
     async def _run(self, delivery: Delivery, envelope: Envelope, ctx: MessageContext) -> None:
-        handlers = self._by_version[envelope.version]  # filled in by _admit
+        handlers = self._reader.handlers(envelope)  # the version _admit read it as
         done_before = delivery.headers.get(HEADER_HANDLED)
         done: list[str] = [str(n) for n in done_before] if isinstance(done_before, list) else []
         dedup = self.subscription.dedup

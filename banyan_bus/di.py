@@ -127,7 +127,9 @@ class Injector:
                 raise RuntimeError("the bus is not started: handlers have no container yet")
             async with container(context={MessageContext: ctx}) as scope:
                 instance = await scope.get(cls)
-                return await table[ctx.version](instance, message, ctx)
+                # The version the message was read as (tolerant reading may read a
+                # newer one on the wire as an older one): its contract says which.
+                return await table[type(message).__message_version__](instance, message, ctx)
 
         return invoke
 

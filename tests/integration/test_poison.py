@@ -41,7 +41,9 @@ class CrateSealed(Event):
 
 
 class CrateSealedV2(Event, name="CrateSealed", version=2):
-    crate_id: str
+    """Not additive (crate_id renamed): a v1 subscriber cannot read it (tolerant reading)."""
+
+    crate_ref: str
     seal: str = "wax"
 
 
@@ -180,13 +182,13 @@ POISON: dict[str, Poison] = {
         {"x-version": 1},
     ),
     "unknown-version": Poison(
-        envelope("poison-unknown-version", "CrateSealed", 9, {"crateId": "c"}),
+        envelope("poison-unknown-version", "CrateSealed", 9, {"crateRef": "c"}),
         "unknown-version",
         "CrateSealed",
         {"x-version": 9},
     ),
     "version-no-handler-serves": Poison(
-        envelope("poison-version-no-handler-serves", "CrateSealed", 2, {"crateId": "c"}),
+        envelope("poison-version-no-handler-serves", "CrateSealed", 2, {"crateRef": "c"}),
         "unknown-version",
         "CrateSealed",
         {"x-version": 2},
