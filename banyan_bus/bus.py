@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import difflib
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType, TracebackType
@@ -680,7 +681,7 @@ class MessageBus:
     @overload
     async def publish(
         self,
-        message: type[Message],
+        message: type[Message] | str,
         data: dict[str, Any],
         *,
         priority: Priority = "normal",
@@ -695,7 +696,7 @@ class MessageBus:
 
     async def publish(
         self,
-        message: Message | type[Message],
+        message: Message | type[Message] | str,
         data: dict[str, Any] | None = None,
         *,
         priority: Priority = "normal",
@@ -711,8 +712,11 @@ class MessageBus:
 
         ``message`` is a contract instance, or a contract class with ``data``
         (a dict validated into it: pydantic's ``ValidationError`` if it does not
-        fit, nothing sent). With ``wait_for_confirmation`` (the default) this
-        returns once the broker has stored the event on every bound queue.
+        fit, nothing sent), or a registered message type's name with ``data``
+        (``publish("OrderPlaced", {...})``, as platform code writes it: the version
+        ``publish_versions`` pins, else the oldest registered). With
+        ``wait_for_confirmation`` (the default) this returns once the broker has
+        stored the event on every bound queue.
         ``after`` delays delivery ("10 seconds", 1500 ms, an ISO time; at most a
         year). Publishing to a type nobody subscribes to is not an error.
         ``message_id`` reuses an id (a re-sent event keeps its identity, so
@@ -782,7 +786,11 @@ class MessageBus:
             telemetry.published.add(1, {MESSAGE_TYPE: message_type})
         return outgoing.message_id or ""
 
-    def _coerce(self, message: Message | type[Message], data: dict[str, Any] | None) -> Message:
+    def _coerce(
+        self, message: Message | type[Message] | str, data: dict[str, Any] | None
+    ) -> Message:
+        if isinstance(message, str):
+            message = self._contract_named(message)
         if isinstance(message, type) and issubclass(message, Message):
             if data is None:
                 raise ContractError(
@@ -808,3 +816,24 @@ class MessageBus:
         if event.is_abstract_contract():
             raise ContractError(f"{type(event).__name__} is an abstract contract")
         return event
+
+    def _contract_named(self, message_type: str) -> type[Message]:
+        """The contract ``publish("OrderPlaced", {...})`` means: pinned, else the oldest.
+
+        The oldest and not the latest: a name carries no version, and every
+        subscriber that serves the type serves its oldest version, so that is the one
+        a rolling deploy cannot break (pin a newer one with ``publish_versions``).
+        """
+        pinned = self.pinned_contracts.get(message_type)
+        if pinned is not None:
+            return pinned
+        versions = self.contracts.versions(message_type)
+        if not versions:
+            known = sorted({c.__message_type__ for c in self.contracts if issubclass(c, Event)})
+            close = difflib.get_close_matches(message_type, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ContractError(
+                f"publish({message_type!r}, ...): no event contract of that message type is "
+                f"registered in this process (import the module that defines it).{hint}"
+            )
+        return versions[min(versions)]
