@@ -2,23 +2,28 @@
 
 A DLQ belongs to one (subscription group, message type). ``--type`` alone
 means the group that subscribes to that type here; no option at all means
-every subscription of the service.
+every subscription of the service (``list``, ``show``), or its only one
+(``replay``, ``purge``).
+
+Everything here prints what a publisher wrote (ids, types, error messages,
+headers): it goes through ``output.safe`` so no escape sequence reaches the
+operator's terminal. ``--output json`` keeps the exact values, ASCII-escaped.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from banyan_bus.cli.errors import EXIT_FAILURE, CliError, reported
-from banyan_bus.cli.output import configure_logging, err, options, out
-from banyan_bus.cli.targets import connect, load_bus, run_async
+from banyan_bus.cli.output import configure_logging, err, markup, options, out, print_json
+from banyan_bus.cli.targets import broker_url, connect, load_bus, run_async
 
 if TYPE_CHECKING:
     from banyan_bus.bus import MessageBus
@@ -63,6 +68,14 @@ def _dlq_targets(
     return [(groups[0] if groups else bus.service, message_type)]
 
 
+def _only_one(bus: MessageBus, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``pairs`` if it names one DLQ; else say which ``--type``/``--group`` to choose from."""
+    if len(pairs) > 1:
+        named = ", ".join(f"{t} (group {g})" for g, t in pairs)
+        raise CliError(f"{bus.service} has several dead-letter queues: {named}; choose with --type")
+    return pairs
+
+
 def _dead_letter_dict(dead: DeadLetter) -> dict[str, Any]:
     return {
         "ref": dead.ref,
@@ -80,6 +93,7 @@ def _dead_letter_dict(dead: DeadLetter) -> dict[str, Any]:
         "handler": dead.handler,
         "group": dead.group,
         "correlation_id": dead.correlation_id,
+        "headers": dict(dead.headers),
         "envelope": dead.envelope,
     }
 
@@ -89,12 +103,12 @@ async def _with_dlqs(
     pairs: list[tuple[str, str]],
     work: Callable[[DeadLetterQueue], Awaitable[T]],
 ) -> list[tuple[DeadLetterQueue, T]]:
-    from banyan_bus.dlq import dead_letter_queue
+    from banyan_bus.dlq import DeadLetterQueue
 
     transport = await connect(bus, "dlq")
     try:
         return [
-            (dlq, await work(dlq)) for dlq in (dead_letter_queue(transport, g, t) for g, t in pairs)
+            (dlq, await work(dlq)) for dlq in (DeadLetterQueue(transport, g, t) for g, t in pairs)
         ]
     finally:
         await transport.close()
@@ -106,37 +120,61 @@ def _choose_ids(ids: list[str] | None, everything: bool, verb: str) -> list[str]
     return None if everything else list(ids or [])
 
 
-def _list_table(found: list[tuple[DeadLetterQueue, list[DeadLetter]]]) -> Table:
-    table = Table(title_justify="left")
-    for column in ("queue", "ref", "type", "v", "reason", "tries", "last failure", "error"):
-        table.add_column(column, overflow="fold")
-    for dlq, dead_letters in found:
-        for dead in dead_letters:
-            error = (
-                f"{dead.exception_type}: {dead.exception_message}" if dead.exception_type else ""
-            )
-            last = dead.last_failure.isoformat(timespec="seconds") if dead.last_failure else ""
-            cells = (
-                dlq.name,
-                dead.ref,
-                dead.message_type or "?",
-                dead.version or "?",
-                dead.reason,
-                dead.attempts,
-                last,
-                error[:120],
-            )
-            table.add_row(*(escape(str(cell)) for cell in cells))
-    total = sum(len(d) for _, d in found)
-    table.title = f"{total} dead-lettered message(s) in {len(found)} queue(s)"
+def _list_table(dlq: DeadLetterQueue, dead_letters: list[DeadLetter]) -> Table:
+    """One DLQ's messages; its name is the title, so the rows keep their width for ids.
+
+    The ref column never wraps or shrinks: an id is copied as one token.
+    """
+    table = Table(title=f"{dlq.name}: {len(dead_letters)} message(s)", title_justify="left")
+    refs = [markup(dead.ref) for dead in dead_letters]
+    table.add_column("ref", no_wrap=True, min_width=max(map(len, refs), default=3))
+    table.add_column("type", no_wrap=True)
+    table.add_column("v", no_wrap=True)
+    table.add_column("reason", no_wrap=True)
+    table.add_column("tries", no_wrap=True, justify="right")
+    table.add_column("last failure", no_wrap=True)
+    table.add_column("error", overflow="fold", ratio=1)
+    for ref, dead in zip(refs, dead_letters, strict=True):
+        error = f"{dead.exception_type}: {dead.exception_message}" if dead.exception_type else ""
+        last = dead.last_failure.isoformat(timespec="seconds") if dead.last_failure else ""
+        cells = (
+            dead.message_type or "?",
+            dead.version or "?",
+            dead.reason,
+            dead.attempts,
+            last,
+            error[:200],
+        )
+        table.add_row(ref, *(markup(cell) for cell in cells))
     return table
+
+
+class OutputFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
 
 
 TargetArg = Annotated[str, typer.Argument(help="module:bus")]
 GroupOpt = Annotated[
     str | None, typer.Option("--group", help="Subscription group (default: the one subscribed).")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (same as --output json).")]
+OutputOpt = Annotated[
+    OutputFormat, typer.Option("--output", "-o", help="table, or json (exact values).")
+]
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", help="Broker URL (default: the bus's, BANYAN_URL).")
+]
+TypeOpt = Annotated[
+    str | None,
+    typer.Option("--type", help="Message type (default: the service's only subscription)."),
+]
+
+
+def _load(target: str, url: str | None) -> MessageBus:
+    bus = load_bus(target, url)
+    broker_url(bus, "dlq", url)
+    return bus
 
 
 @app.command("list")
@@ -149,23 +187,28 @@ def dlq_list(
     group: GroupOpt = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many per queue.")] = 100,
     as_json: JsonOpt = False,
+    output: OutputOpt = OutputFormat.table,
+    url: UrlOpt = None,
 ) -> None:
     """List dead-lettered messages (they stay in the queue)."""
     opts = options(ctx)
     configure_logging(opts, logging.WARNING)
     with reported(debug=opts.debug):
-        bus = load_bus(target)
+        bus = _load(target, url)
         pairs = _dlq_targets(bus, group, message_type)
 
         async def peek(dlq: DeadLetterQueue) -> list[DeadLetter]:
             return await dlq.list(limit)
 
         found = run_async(lambda _loop: _with_dlqs(bus, pairs, peek))
-        if as_json:
-            data = {dlq.name: [_dead_letter_dict(d) for d in dead] for dlq, dead in found}
-            out.print_json(json.dumps(data, default=str))
+        if as_json or output == OutputFormat.json:
+            print_json({dlq.name: [_dead_letter_dict(d) for d in dead] for dlq, dead in found})
             return
-        out.print(_list_table(found))
+        for dlq, dead_letters in found:
+            if dead_letters:
+                out.print(_list_table(dlq, dead_letters))
+            else:
+                out.print(f"{markup(dlq.name)}: empty", soft_wrap=True)
 
 
 @app.command("show")
@@ -173,68 +216,84 @@ def dlq_show(
     ctx: typer.Context,
     target: TargetArg,
     ref: Annotated[str, typer.Argument(help="Message id (or the ref `dlq list` shows).")],
-    message_type: Annotated[str, typer.Option("--type", help="Message type.")],
+    message_type: Annotated[
+        str | None,
+        typer.Option("--type", help="Message type (default: look in every DLQ of the service)."),
+    ] = None,
     group: GroupOpt = None,
     as_json: JsonOpt = False,
+    output: OutputOpt = OutputFormat.table,
+    url: UrlOpt = None,
 ) -> None:
-    """Show one dead-lettered message in full: reason, error, traceback, envelope."""
+    """Show one dead-lettered message in full: reason, error, headers, traceback, envelope."""
     opts = options(ctx)
     configure_logging(opts, logging.WARNING)
     with reported(debug=opts.debug):
-        bus = load_bus(target)
+        bus = _load(target, url)
         pairs = _dlq_targets(bus, group, message_type)
 
         async def find(dlq: DeadLetterQueue) -> DeadLetter | None:
-            return await dlq.find(ref)
+            found = await dlq.find(ref)
+            if found is None:  # the ref as `dlq list` printed it, control characters gone
+                found = next((d for d in await dlq.list(10_000) if markup(d.ref) == ref), None)
+            return found
 
-        [(dlq, dead)] = run_async(lambda _loop: _with_dlqs(bus, pairs, find))
-        if dead is None:
-            raise CliError(f"no message {ref!r} in {dlq.name}", EXIT_FAILURE)
+        hits = [(q, d) for q, d in run_async(lambda _loop: _with_dlqs(bus, pairs, find)) if d]
+        if not hits:
+            where = pairs[0][1] if len(pairs) == 1 else f"any of {len(pairs)} dead-letter queues"
+            raise CliError(f"no message {ref!r} in the DLQ of {where}", EXIT_FAILURE)
+        _, dead = hits[0]
         data = _dead_letter_dict(dead)
-        if as_json:
-            out.print_json(json.dumps(data, default=str))
+        if as_json or output == OutputFormat.json:
+            print_json(data)
             return
         traceback, envelope = data.pop("traceback"), data.pop("envelope")
+        headers = data.pop("headers")
         for key, value in data.items():
-            out.print(f"[bold]{key}[/bold]: {escape(str(value))}", soft_wrap=True)
+            out.print(f"[bold]{key}[/bold]: {markup(value)}", soft_wrap=True)
+        out.print("[bold]headers[/bold]:")
+        for key, value in headers.items():
+            out.print(f"  {markup(key)}: {markup(value)}", soft_wrap=True)
         if traceback:
             out.print("[bold]traceback[/bold]:")
-            out.print(escape(str(traceback)), soft_wrap=True)
+            out.print(markup(traceback, lines=True), soft_wrap=True)
         out.print("[bold]envelope[/bold]:")
-        out.print_json(json.dumps(envelope, default=str))
+        text = json.dumps(envelope, indent=2, ensure_ascii=True, default=str)
+        out.print(markup(text, lines=True), soft_wrap=True)
 
 
 @app.command("replay")
 def dlq_replay(
     ctx: typer.Context,
     target: TargetArg,
-    message_type: Annotated[str, typer.Option("--type", help="Message type.")],
+    message_type: TypeOpt = None,
     group: GroupOpt = None,
     ids: Annotated[
         list[str] | None, typer.Option("--id", help="Replay this message (repeatable).")
     ] = None,
     everything: Annotated[bool, typer.Option("--all", help="Replay every message.")] = False,
     as_json: JsonOpt = False,
+    url: UrlOpt = None,
 ) -> None:
     """Send dead-lettered messages back to their group (only that group sees them)."""
     opts = options(ctx)
     configure_logging(opts, logging.WARNING)
     with reported(debug=opts.debug):
-        bus = load_bus(target)
-        pairs = _dlq_targets(bus, group, message_type)
+        bus = _load(target, url)
+        pairs = _only_one(bus, _dlq_targets(bus, group, message_type))
         chosen = _choose_ids(ids, everything, "replay")
         [(dlq, result)] = run_async(
             lambda _loop: _with_dlqs(bus, pairs, lambda q: q.replay(ids=chosen))
         )
         if as_json:
             data = {"replayed": result.replayed, "failed": result.failed, "missing": result.missing}
-            out.print_json(json.dumps(data))
+            print_json(data)
         else:
             out.print(f"replayed {len(result.replayed)} message(s) from {dlq.name}", soft_wrap=True)
             for ref, why in result.failed.items():
-                err.print(f"not replayed {ref}: {escape(why)}", soft_wrap=True)
+                err.print(f"not replayed {markup(ref)}: {markup(why)}", soft_wrap=True)
             for ref in result.missing:
-                err.print(f"not found: {ref}", soft_wrap=True)
+                err.print(f"not found: {markup(ref)}", soft_wrap=True)
         if not result.ok:
             raise typer.Exit(EXIT_FAILURE)
 
@@ -243,20 +302,21 @@ def dlq_replay(
 def dlq_purge(
     ctx: typer.Context,
     target: TargetArg,
-    message_type: Annotated[str, typer.Option("--type", help="Message type.")],
+    message_type: TypeOpt = None,
     group: GroupOpt = None,
     ids: Annotated[
         list[str] | None, typer.Option("--id", help="Delete this message (repeatable).")
     ] = None,
     everything: Annotated[bool, typer.Option("--all", help="Delete every message.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    url: UrlOpt = None,
 ) -> None:
     """Delete dead-lettered messages for good."""
     opts = options(ctx)
     configure_logging(opts, logging.WARNING)
     with reported(debug=opts.debug):
-        bus = load_bus(target)
-        pairs = _dlq_targets(bus, group, message_type)
+        bus = _load(target, url)
+        pairs = _only_one(bus, _dlq_targets(bus, group, message_type))
         chosen = _choose_ids(ids, everything, "purge")
         what = "every message" if chosen is None else f"{len(chosen)} message(s)"
         if not yes and not typer.confirm(f"Delete {what} from the DLQ of {pairs[0][0]}?"):

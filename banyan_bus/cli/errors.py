@@ -13,9 +13,8 @@ from collections.abc import Iterator
 
 import typer
 from pydantic import ValidationError
-from rich.markup import escape
 
-from banyan_bus.cli.output import err
+from banyan_bus.cli.output import err, markup
 from banyan_bus.errors import BanyanError
 
 EXIT_FAILURE = 1
@@ -69,5 +68,5 @@ def reported(*, debug: bool) -> Iterator[None]:
         if debug:
             raise
         code, message = describe(exc)
-        err.print(f"banyan: error: {escape(one_line(message))}", soft_wrap=True)
+        err.print(f"banyan: error: {markup(one_line(message))}", soft_wrap=True)
         raise typer.Exit(code) from None

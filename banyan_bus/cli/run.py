@@ -15,8 +15,8 @@ import typer
 from banyan_bus import prometheus
 from banyan_bus.cli.errors import EXIT_INTERRUPTED, CliError, reported
 from banyan_bus.cli.output import configure_logging, options, quiet_clients
-from banyan_bus.cli.supervisor import ENV_PARENT, ENV_WORKER, supervise
-from banyan_bus.cli.targets import Target, locate, resolve, run_async
+from banyan_bus.cli.supervisor import ENV_PARENT, ENV_WORKER, force_exit, supervise
+from banyan_bus.cli.targets import Target, announce, locate, resolve, run_async
 from banyan_bus.probes import probe_servers
 
 log = structlog.get_logger("banyan_bus.cli")
@@ -50,9 +50,9 @@ async def serve(
     drains, ``/livez`` 200 throughout.
     """
     bus = await resolve(target)
+    announce(bus)  # which broker, loudly (a bad URL stops here, exit 2)
     probes = probe_servers(bus, health_port=health_port, metrics_port=metrics_port)
     loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
     stopping = asyncio.Event()
     why: list[str] = []
     bound = log.bind(service=bus.service, pid=os.getpid())
@@ -64,11 +64,10 @@ async def serve(
         if not stopping.is_set():
             why.append(reason)
             stopping.set()
-        elif main_task is not None and reason != "supervisor-gone":
-            # A second Ctrl-C: stop waiting. Whatever is unacked goes back to its queue
+        elif reason != "supervisor-gone":
+            # A second Ctrl-C: exit now. Whatever is unacked goes back to its queue
             # when the connection drops, so this loses nothing; it only skips the grace.
-            bound.warning("forced_exit", signal=reason)
-            main_task.cancel()
+            force_exit()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig.name)

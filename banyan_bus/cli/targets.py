@@ -12,13 +12,18 @@ import difflib
 import importlib
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from banyan_bus.cli.errors import EXIT_FAILURE, CliError, one_line
+from banyan_bus.cli.output import err, markup
 from banyan_bus.contracts import Event
+from banyan_bus.errors import BanyanError
+from banyan_bus.transport.url import mask_url
 
 if TYPE_CHECKING:
     from banyan_bus.bus import MessageBus
@@ -86,17 +91,117 @@ async def resolve(target: Target) -> MessageBus:
     return _check_bus(target.spec, obj, called=target.call)
 
 
-def load_bus(spec: str) -> MessageBus:
+def load_bus(spec: str, url: str | None = None) -> MessageBus:
     """The bus of ``spec`` for the commands that do not run it.
 
     An async factory gets a short event loop of its own; it should build the
-    bus, not start it (the commands start what they need).
+    bus, not start it (the commands start what they need). ``url`` (``--url``)
+    replaces the bus's URL, in the bus's stage.
     """
+    if url is not None:
+        check_url(url, "--url")
+        os.environ["BANYAN_URL"] = url  # a bus built at import time reads it
     target = locate(spec)
     if target.call and inspect.iscoroutinefunction(target.obj):
-        return asyncio.run(resolve(target))
-    obj = target.obj() if target.call and callable(target.obj) else target.obj
-    return _check_bus(spec, obj, called=target.call)
+        bus = asyncio.run(resolve(target))
+    else:
+        obj = target.obj() if target.call and callable(target.obj) else target.obj
+        bus = _check_bus(spec, obj, called=target.call)
+    if url is not None:
+        from banyan_bus.stage import scoped_url
+
+        bus.url = scoped_url(url, bus.stage)
+    return bus
+
+
+_SCHEMES = ("amqp", "amqps", "memory")
+_LOOSE_USERINFO = re.compile(r"([^:/@,\s]+):[^@/,\s]*@")
+
+
+def _shown(url: str) -> str:
+    """``url`` masked even when it is too broken for :func:`mask_url` to find its password."""
+    masked = mask_url(url)
+    return masked if masked != url else _LOOSE_USERINFO.sub(r"\1:***@", url)
+
+
+def url_origin(bus: MessageBus, url: str | None = None) -> str:
+    """Where the URL a command uses came from, for an error that says what to change."""
+    from banyan_bus.stage import scoped_url
+
+    if url is not None:
+        return "--url"
+    env = os.environ.get("BANYAN_URL")
+    if env:
+        try:
+            from_env = bus.url in (env, scoped_url(env, bus.stage))
+        except BanyanError:
+            from_env = False
+        if from_env:
+            return "BANYAN_URL"
+    return f"the bus of service {bus.service!r}"
+
+
+def check_url(url: str, origin: str) -> None:
+    """Refuse a malformed broker URL with exit 2, quoting it (masked) and where it came from."""
+    for part in url.split(","):
+        scheme, sep, _ = part.partition("://")
+        problem = None
+        if not sep:
+            problem = "no '://' after the scheme"
+        elif scheme.lower() not in _SCHEMES:
+            problem = f"unknown scheme {scheme!r}"
+        elif scheme.lower() != "memory":
+            try:
+                parts = urlsplit(part)
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError as exc:
+                problem = str(exc)
+            else:
+                if not parts.hostname:
+                    problem = "no host"
+        if problem is not None:
+            raise CliError(
+                f"malformed broker URL {_shown(url)!r} (from {origin}): {problem}; expected "
+                f"amqp://user:password@host:5672/vhost, amqps://..., or memory://"
+            )
+
+
+def broker_url(bus: MessageBus, command: str, url: str | None = None) -> str:
+    """The URL ``banyan COMMAND`` talks to: checked, and never the in-process broker.
+
+    ``publish`` and ``dlq`` on ``memory://`` would publish into (or read) a broker
+    that lives only as long as the command: refuse, saying how to name a real one.
+    """
+    check_url(bus.url, url_origin(bus, url))
+    if bus.url.startswith("memory:"):
+        raise CliError(
+            f"banyan {command} needs RabbitMQ, but {bus.service}'s bus is on memory:// "
+            f"(in-process, gone when this command exits): set BANYAN_URL or pass --url"
+        )
+    return bus.url
+
+
+def announce(bus: MessageBus, origin: str | None = None) -> None:
+    """``banyan run``'s first line on stderr: which broker this service uses (masked).
+
+    On ``memory://`` it says so loudly: no other process sees that broker's events.
+    """
+    from banyan_bus.cli.supervisor import ENV_WORKER
+
+    check_url(bus.url, origin or url_origin(bus))
+    if os.environ.get(ENV_WORKER, "0") != "0":
+        return  # with --workers, worker 0 says it for all
+    stage = f" (stage {bus.stage})" if bus.stage else ""
+    if bus.url.startswith("memory:"):
+        err.print(
+            f"banyan: warning: {markup(bus.service)} runs on {markup(bus.display_url)}, an "
+            f"in-process broker no other process can reach: set BANYAN_URL to use RabbitMQ",
+            soft_wrap=True,
+        )
+    else:
+        err.print(
+            f"banyan: {markup(bus.service)} uses {markup(bus.display_url)}{stage}", soft_wrap=True
+        )
 
 
 def _check_bus(spec: str, obj: object, *, called: bool) -> MessageBus:
@@ -142,6 +247,7 @@ async def connect(bus: MessageBus, purpose: str) -> Transport:
     """A connection of the command's own to ``bus``'s broker (named after ``purpose``)."""
     from banyan_bus.transport.factory import make_transport
 
+    check_url(bus.url, url_origin(bus))
     transport = make_transport(bus.url, name=f"{bus.service}-{purpose}")
     await transport.connect()
     return transport

@@ -337,7 +337,8 @@ def test_dlq_list_and_purge_a_failed_message(amqp_url: str, services: list[Servi
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
+    # `banyan run` first says which broker it uses; then the error is the one line.
+    lines = [x for x in result.stderr.strip().splitlines() if " uses amqp" not in x]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("banyan: error: "), lines
     assert "Traceback" not in result.stderr + result.stdout
@@ -428,3 +429,295 @@ def test_dlq_show_and_replay_back_to_the_group(amqp_url: str, services: list[Ser
     dlq = dead_letter_queue("slow-service", "WorkRequested")
     counts = asyncio.run(queue_counts(amqp_url, queue, dlq))
     assert counts == {queue: 1, dlq: 0}
+
+
+# -- a CLI that never misleads (issue 18 §5) ----------------------------------------------
+
+BROKEN = "tests.integration.services.broken_service:bus"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["publish", USERS, "UserCreated", json.dumps(user_created(1)), "--version", "1"],
+        ["dlq", "list", EMAIL],
+        ["dlq", "show", EMAIL, "evt_1"],
+        ["topology", EMAIL, "--prune"],
+    ],
+    ids=["publish", "dlq-list", "dlq-show", "topology-prune"],
+)
+def test_commands_that_need_a_broker_refuse_memory(args: list[str]) -> None:
+    result = banyan(*args, url="")  # BANYAN_URL unset: the bus falls back to memory://
+    assert_one_line_error(result, "memory://", "set BANYAN_URL or pass --url")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("where", ["env", "option"])
+def test_a_malformed_url_exits_2_quoting_it_masked(where: str) -> None:
+    bad = "amqp//guest:s3cret@localhost:5672/"
+    args = ["publish", USERS, "UserCreated", json.dumps(user_created(1)), "--version", "1"]
+    if where == "env":
+        result = banyan(*args, url=bad)
+        origin = "BANYAN_URL"
+    else:
+        result = banyan(*args, "--url", bad, url="")
+        origin = "--url"
+    assert_one_line_error(result, "malformed broker URL 'amqp//guest:***@localhost:5672/'", origin)
+    assert result.returncode == 2
+    assert "s3cret" not in result.stderr
+    run = banyan("run", EMAIL, url=bad)
+    assert run.returncode == 2
+    assert "malformed broker URL 'amqp//guest:***@localhost:5672/'" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "quoted"),
+    [
+        (["publish", USERS, "UserCreated", "{not json"], "'{not json'"),
+        (["publish", USERS, "UserCreated", "{}", "--after", "soonish"], "'soonish'"),
+        (["publish", USERS, "UserCreated", "@/no/such/payload.json"], "'/no/such/payload.json'"),
+    ],
+    ids=["json", "after", "file"],
+)
+def test_bad_input_exits_2_and_quotes_it(args: list[str], quoted: str) -> None:
+    result = banyan(*args)
+    assert_one_line_error(result, quoted)
+    assert result.returncode == 2
+
+
+def test_run_says_which_broker_it_uses(amqp_url: str, services: list[Service]) -> None:
+    slow = start(services, amqp_url, SLOW)
+    user = amqp_url.split("://", 1)[1].split(":", 1)[0]
+    [line] = [x for x in slow.lines if x.startswith("banyan: slow-service uses ")]
+    assert f"amqp://{user}:***@" in line
+    assert brokers.vhost_from_url(amqp_url) in line
+    slow.signal(signal.SIGTERM)
+    assert slow.wait() == 0
+
+    on_memory = Service(["run", SLOW], "")
+    services.append(on_memory)
+    on_memory.wait_for("service_running", timeout=START_TIMEOUT)
+    assert any(
+        x.startswith("banyan: warning: slow-service runs on memory://") for x in on_memory.lines
+    ), on_memory.output
+    on_memory.signal(signal.SIGTERM)
+    assert on_memory.wait() == 0
+
+
+def test_publish_reads_a_large_payload_from_a_file_or_stdin(amqp_url: str, tmp_path: Path) -> None:
+    declared = banyan("topology", SLOW, "--declare", url=amqp_url)
+    assert declared.returncode == 0, declared.stderr
+    # ~200 KiB: over the ~128 KiB a single argument may have, under the bus's 256 KiB.
+    payload = json.dumps({"jobId": "x" * 200_000, "seconds": 0})
+    path = tmp_path / "work.json"
+    path.write_text(payload, encoding="utf-8")
+    from_file = banyan("publish", SLOW, "WorkRequested", f"@{path}", url=amqp_url)
+    assert from_file.returncode == 0, from_file.stderr
+    from_stdin = subprocess.run(
+        [_banyan(), "publish", SLOW, "WorkRequested", "-"],
+        cwd=REPO,
+        env=_env(amqp_url),
+        input=payload,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout.startswith("evt_")
+    queue = group_exchange("slow-service", "WorkRequested")
+    assert asyncio.run(queue_counts(amqp_url, queue)) == {queue: 2}
+
+
+def test_dlq_list_empty_one_line_ids_json_and_show_without_type(
+    amqp_url: str, services: list[Service]
+) -> None:
+    declared = banyan("topology", SLOW, "--declare", url=amqp_url)
+    assert declared.returncode == 0, declared.stderr
+    dlq = dead_letter_queue("slow-service", "WorkRequested")
+    empty = banyan("dlq", "list", SLOW, url=amqp_url)
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout.strip() == f"{dlq}: empty"
+
+    slow = start(services, amqp_url, SLOW)
+    event_id = publish(amqp_url, SLOW, "WorkRequested", {"jobId": "broken", "fail": True})
+    slow.wait_for("dead_lettered", message_id=event_id)
+    slow.signal(signal.SIGTERM)
+    assert slow.wait() == 0, slow.output
+
+    env_120 = {"COLUMNS": "120"}
+    listed = subprocess.run(
+        [_banyan(), "dlq", "list", SLOW],
+        cwd=REPO,
+        env={**_env(amqp_url), **env_120},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert any(event_id in line for line in listed.stdout.splitlines()), listed.stdout
+    assert dlq in listed.stdout
+
+    as_json = banyan("dlq", "list", SLOW, "--output", "json", url=amqp_url)
+    assert as_json.returncode == 0, as_json.stderr
+    [dead] = json.loads(as_json.stdout)[dlq]
+    assert dead["message_id"] == event_id
+
+    shown = banyan("dlq", "show", SLOW, event_id, url=amqp_url)  # no --type: one subscription
+    assert shown.returncode == 0, shown.stderr
+    assert "JobFailed" in shown.stdout
+
+
+# Terminal escape sequences a hostile publisher could put in an id or a header.
+HOSTILE_ID = (
+    "evt_hostile\x1b]0;pwned\x07\x1b[2J"
+    "\x1b]8;;https://evil.example/\x1b\\click-me\x1b]8;;\x1b\\"
+    "\u202etxt.exe\x9b31m"
+)
+_TERMINAL_CONTROLS = ("\x1b", "\x07", "\x9b", "\u202e", "\x9d")
+
+
+async def _put_hostile_dead_letter(url: str) -> None:
+    from banyan_bus.transport.base import OutgoingMessage
+
+    transport = make_transport(url, name="test-cli-hostile")
+    await transport.connect()
+    try:
+        body = json.dumps({"id": HOSTILE_ID, "messageType": "WorkRequested", "payload": {}})
+        await transport.publish(
+            "",
+            dead_letter_queue("slow-service", "WorkRequested"),
+            OutgoingMessage(
+                body=body.encode(),
+                message_id=HOSTILE_ID,
+                message_type="WorkRequested\x1b[31m",
+                headers={"x-evil": "\x1b]0;title\x07header", "x-exception-message": "\x1b[2Jboom"},
+            ),
+        )
+    finally:
+        await transport.close()
+
+
+def test_dlq_output_strips_terminal_control_sequences(amqp_url: str) -> None:
+    declared = banyan("topology", SLOW, "--declare", url=amqp_url)
+    assert declared.returncode == 0, declared.stderr
+    asyncio.run(_put_hostile_dead_letter(amqp_url))
+
+    listed = banyan("dlq", "list", SLOW, url=amqp_url)
+    assert listed.returncode == 0, listed.stderr
+    shown = banyan("dlq", "show", SLOW, "evt_hostileclick-metxt.exe", url=amqp_url)
+    assert shown.returncode == 0, shown.stderr
+    for result in (listed, shown):
+        printed = result.stdout + result.stderr
+        assert not any(c in printed for c in _TERMINAL_CONTROLS), repr(printed)
+        # Outside the envelope (JSON, its controls shown as \u001b) nothing of them is left.
+        plain = printed.split("envelope:")[0]
+        assert "pwned" not in plain
+        assert "evil.example" not in plain
+    assert "evt_hostileclick-metxt.exe" in listed.stdout
+    assert "header" in shown.stdout
+
+    # JSON keeps the exact id (a script can act on it) with the controls escaped.
+    as_json = banyan("dlq", "list", SLOW, "--output", "json", url=amqp_url)
+    assert as_json.returncode == 0, as_json.stderr
+    assert not any(c in as_json.stdout for c in _TERMINAL_CONTROLS)
+    [dead] = json.loads(as_json.stdout)[dead_letter_queue("slow-service", "WorkRequested")]
+    assert dead["message_id"] == HOSTILE_ID
+
+
+def test_topology_shows_the_service_first_and_summarises_the_delay_levels() -> None:
+    result = banyan("topology", EMAIL)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) < 40, result.stdout
+    assert "banyan.delay.level" not in result.stdout
+    [summary] = [x for x in lines if "shared delay infrastructure" in x]
+    assert "--all" in summary
+    own = next(i for i, x in enumerate(lines) if "email-service" in x)
+    root = next(i for i, x in enumerate(lines) if "exchange.platform.events " in x + " ")
+    assert own < root
+    everything = banyan("topology", EMAIL, "--all")
+    assert everything.returncode == 0, everything.stderr
+    assert "banyan.delay.level.27" in everything.stdout
+
+
+def test_topology_prune_lists_and_deletes_retired_queues(amqp_url: str) -> None:
+    from banyan_bus.topology import QueueOptions, apply, group_plan
+
+    async def retired_subscription(message: bool) -> None:
+        transport = make_transport(amqp_url, name="test-cli-prune")
+        await transport.connect()
+        try:
+            await apply(transport, group_plan("slow-service", "WorkRetired", QueueOptions()))
+            if message:
+                from banyan_bus.transport.base import OutgoingMessage
+
+                await transport.publish(
+                    group_exchange("slow-service", "WorkRetired"), "", OutgoingMessage(body=b"{}")
+                )
+        finally:
+            await transport.close()
+
+    assert banyan("topology", SLOW, "--declare", url=amqp_url).returncode == 0
+    asyncio.run(retired_subscription(message=True))
+    retired = group_exchange("slow-service", "WorkRetired")
+
+    dry = banyan("topology", SLOW, "--prune", "--json", url=amqp_url)
+    assert dry.returncode == 0, dry.stderr
+    found = {(s["kind"], s["name"]): s for s in json.loads(dry.stdout)}
+    assert set(found) == {("queue", retired), ("queue", f"dlq.{retired}"), ("exchange", retired)}
+    assert found[("queue", retired)]["messages"] == 1
+    assert group_exchange("slow-service", "WorkRequested") not in dry.stdout
+
+    kept = banyan("topology", SLOW, "--prune", "--yes", "--json", url=amqp_url)
+    assert kept.returncode == 0, kept.stderr
+    actions = {(s["kind"], s["name"]): s["action"] for s in json.loads(kept.stdout)}
+    assert actions[("queue", retired)].startswith("kept")
+    assert actions[("queue", f"dlq.{retired}")] == "deleted"
+    on_broker = {q["name"] for q in brokers.list_queues(brokers.vhost_from_url(amqp_url))}
+    assert retired in on_broker
+    assert f"dlq.{retired}" not in on_broker
+
+    forced = banyan("topology", SLOW, "--prune", "--yes", "--force", url=amqp_url)
+    assert forced.returncode == 0, forced.stderr
+    assert "deleted" in forced.stdout
+    on_broker = {q["name"] for q in brokers.list_queues(brokers.vhost_from_url(amqp_url))}
+    assert retired not in on_broker
+    assert group_exchange("slow-service", "WorkRequested") in on_broker
+    assert retired not in {
+        e["name"] for e in brokers.list_exchanges(brokers.vhost_from_url(amqp_url))
+    }
+
+
+def test_a_second_ctrl_c_exits_at_once_quietly(amqp_url: str, services: list[Service]) -> None:
+    slow = start(services, amqp_url, SLOW, "--grace", "30")
+    event_id = publish(amqp_url, SLOW, "WorkRequested", {"jobId": "endless", "seconds": 60})
+    slow.wait_for("work_started", event_id=event_id)
+    slow.signal(signal.SIGINT)
+    slow.wait_for("service_stopping")
+    began = time.monotonic()
+    slow.signal(signal.SIGINT)
+    assert slow.wait(timeout=10) == 130, slow.output
+    assert time.monotonic() - began < 5
+    warnings = [x for x in slow.lines if x.startswith("banyan: second signal")]
+    assert len(warnings) == 1, slow.output
+    assert "go back to their queue" in warnings[0]
+    for noise in ("Traceback", "Task was destroyed", "Event loop is closed"):
+        assert noise not in slow.output, slow.output
+    # The unfinished delivery is back in the queue: nothing lost.
+    queue = group_exchange("slow-service", "WorkRequested")
+    deadline = time.monotonic() + 10
+    while asyncio.run(queue_counts(amqp_url, queue))[queue] != 1:
+        assert time.monotonic() < deadline, "the unacked delivery did not come back"
+        time.sleep(0.2)
+
+
+def test_a_dependency_error_with_workers_is_reported_once(amqp_url: str) -> None:
+    result = banyan("run", BROKEN, "--workers", "2", url=amqp_url, timeout=60)
+    assert result.returncode == 1
+    errors = [x for x in result.stderr.splitlines() if x.startswith("banyan: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "ArchiveLedger" in errors[0]
+    assert "ledger" in errors[0]
+    assert "Traceback" not in result.stderr
