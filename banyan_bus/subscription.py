@@ -23,13 +23,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from banyan_bus.contracts import Event, Message
 from banyan_bus.errors import ConfigurationError, ContractError, HandlerError
 from banyan_bus.idempotency import Deduplicator, IdempotencyStore
+from banyan_bus.middleware import Middleware
+from banyan_bus.middleware import check as check_middleware
 from banyan_bus.retry import RetryPolicy
 from banyan_bus.topology import (
     DEFAULT_PARTITIONS,
@@ -79,7 +81,8 @@ class SubscriptionOptions:
     3 x concurrency, ``auto_ack`` True, ``retry`` and ``queue_type`` the bus's,
     ``timeout`` the bus's ``handler_timeout`` (``None``: no timeout),
     ``max_length`` none, ``ordered`` False with ``partitions`` 4 when ordered,
-    ``idempotent`` False, ``idempotency_key`` none (the event id).
+    ``idempotent`` False, ``idempotency_key`` none (the event id), ``middleware``
+    none (run around this handler, inside the bus's: see ``banyan_bus.middleware``).
 
     Raises ``ConfigurationError`` naming the option and what it accepts.
     """
@@ -96,8 +99,10 @@ class SubscriptionOptions:
     partitions: int | None = None
     idempotent: bool = False
     idempotency_key: Callable[[Any], str] | None = None
+    middleware: Sequence[Middleware] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "middleware", check_middleware(self.middleware))
         if self.subscription_group is not None:
             check_group_name(self.subscription_group)
         if not _is_int(self.concurrency) or self.concurrency < 1:
@@ -204,7 +209,7 @@ class SubscriptionOptions:
 #: Every option name (what ``@EventHandler`` and ``@bus.handler`` accept).
 OPTION_NAMES = frozenset(f.name for f in fields(SubscriptionOptions))
 #: What ``@CommandHandler`` and ``@QueryHandler`` accept: one owner, no group or queue.
-REQUEST_OPTIONS = frozenset({"concurrency", "timeout"})
+REQUEST_OPTIONS = frozenset({"concurrency", "timeout", "middleware"})
 
 
 def event_type_of(contract: object) -> str:
