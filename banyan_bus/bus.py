@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import difflib
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType, TracebackType
@@ -54,10 +55,9 @@ from banyan_bus.handlers import (
 )
 from banyan_bus.health import BusState, HealthMonitor, HealthReport
 from banyan_bus.idempotency import DEFAULT_TTL, IdempotencyStore, MemoryIdempotencyStore
-from banyan_bus.middleware import MessageCall, Middleware, Next, compose, wrap_handler
-from banyan_bus.middleware import check as check_middleware
 from banyan_bus.retry import RetryPolicy
 from banyan_bus.rpc import CommandConsumer, Requester, command_plan
+from banyan_bus.stage import STAGE_ENV, check_stage, scoped_url
 from banyan_bus.subscription import (
     BUS_DEFAULT,
     DEFAULT_CONCURRENCY,
@@ -100,6 +100,13 @@ M = TypeVar("M", bound=Message)
 DEFAULT_URL = "memory://"
 
 
+def _published(contracts: Sequence[type[Event]]) -> tuple[type[Event], ...]:
+    for contract in contracts:
+        if not (isinstance(contract, type) and issubclass(contract, Event)):
+            raise ConfigurationError(f"publishes= takes event contracts, got {contract!r}")
+    return tuple(contracts)
+
+
 class MessageBus:
     """A service's connection to the event bus: publish, subscribe, start, stop.
 
@@ -113,7 +120,8 @@ class MessageBus:
     ``grace_period`` seconds that ``stop()`` lets in-flight handlers finish;
     ``publish_timeout`` seconds a publish waits for the broker's confirm (through a
     reconnect, a memory alarm) before it raises ``PublishError``.
-    ``middleware`` runs around every publish and every handler (``banyan_bus.middleware``).
+    ``stage`` (else ``BANYAN_STAGE``) puts the bus in that stage's vhost (``stage.py``);
+    ``publishes`` names the event contracts the service publishes (its AsyncAPI document).
     ``publish_versions`` pins the version ``publish`` emits per contract
     (``{UserCreated: 1}``, or by type name) while subscribers catch up: a newer
     event is sent as that version (see ``@downcaster``).
@@ -134,11 +142,16 @@ class MessageBus:
         idempotency_store: IdempotencyStore | None = None,
         idempotency_ttl: float = DEFAULT_TTL,
         contracts: ContractRegistry | None = None,
-        middleware: Sequence[Middleware] = (),
+        stage: str | None = None,
+        publishes: Sequence[type[Event]] | None = None,
         publish_versions: Mapping[type[Message] | str, int] | None = None,
     ) -> None:
         self.service = check_group_name(service, what="service")
-        self.url = url or os.environ.get("BANYAN_URL") or DEFAULT_URL
+        #: ``stage`` (else ``BANYAN_STAGE``) scopes the bus to that stage's vhost (stage.py).
+        self.stage = check_stage(stage or os.environ.get(STAGE_ENV) or None)
+        self.url = scoped_url(url or os.environ.get("BANYAN_URL") or DEFAULT_URL, self.stage)
+        #: The events this service publishes, as it declares them (AsyncAPI); None: not said.
+        self.publishes = None if publishes is None else _published(publishes)
         QueueOptions(queue_type=queue_type)  # validates
         self.queue_type: QueueType = queue_type
         self.retry = retry if retry is not None else RetryPolicy.default()
@@ -171,11 +184,6 @@ class MessageBus:
         self._started = False
         self._state: BusState = "stopped"
         self._health = HealthMonitor(self.service)
-        #: Runs around every publish and every handler, the first outermost (middleware.py).
-        self.middleware = check_middleware(middleware)
-        self._publish_chain: Next | None = (
-            compose(self.middleware, self._send) if self.middleware else None
-        )
         self._log = log.bind(service=service)
 
     def __repr__(self) -> str:
@@ -340,7 +348,6 @@ class MessageBus:
         partitions: int | None = None,
         idempotent: bool = False,
         idempotency_key: Callable[[Any], str] | None = None,
-        middleware: Sequence[Middleware] = (),
     ) -> Subscription:
         """Handle ``contract`` events with ``handler`` in ``subscription_group``.
 
@@ -356,7 +363,6 @@ class MessageBus:
         retried in place, holding its key. ``partitions`` (default 4) spreads keys
         over that many queues. ``idempotent=True`` (or ``idempotency_key=fn``)
         runs each handler once per event id (or key), through ``idempotency_store``.
-        ``middleware`` runs around this handler, inside the bus's middleware.
         """
         options = SubscriptionOptions(
             subscription_group=subscription_group,
@@ -371,7 +377,6 @@ class MessageBus:
             partitions=partitions,
             idempotent=idempotent,
             idempotency_key=idempotency_key,
-            middleware=middleware,
         )
         known = set(self._subscriptions)
         sub = self._record(contract, function_handler(contract, handler), options)
@@ -427,7 +432,6 @@ class MessageBus:
         self, contract: type[Message], spec: HandlerSpec, options: SubscriptionOptions
     ) -> Subscription:
         """Add ``spec`` to its group's subscription, creating it on first use."""
-        spec = wrap_handler(spec, (*self.middleware, *options.middleware))
         message_type = event_type_of(contract)
         group = check_group_name(options.subscription_group or self.service)
         sub = self._subscriptions.get((group, message_type))
@@ -575,10 +579,7 @@ class MessageBus:
                 f"({self._commands[message_type][0].name}); exactly one handler owns a "
                 f"{opts.kind}"
             )
-        self._commands[message_type] = (
-            wrap_handler(spec, (*self.middleware, *opts.options.middleware)),
-            opts.options,
-        )
+        self._commands[message_type] = (spec, opts.options)
 
     async def _start_command_consumer(
         self, message_type: str, spec: HandlerSpec, options: SubscriptionOptions
@@ -646,7 +647,7 @@ class MessageBus:
                 correlation_id=ctx.correlation_id if ctx else None,
                 causation_id=ctx.id if ctx else None,
                 headers=headers,
-                trace_context=Telemetry.trace_context(span),
+                trace_context=Telemetry.trace_context(span, headers),
                 max_size=self.max_message_size,
             )
             try:
@@ -680,7 +681,7 @@ class MessageBus:
     @overload
     async def publish(
         self,
-        message: type[Message],
+        message: type[Message] | str,
         data: dict[str, Any],
         *,
         priority: Priority = "normal",
@@ -695,7 +696,7 @@ class MessageBus:
 
     async def publish(
         self,
-        message: Message | type[Message],
+        message: Message | type[Message] | str,
         data: dict[str, Any] | None = None,
         *,
         priority: Priority = "normal",
@@ -711,8 +712,11 @@ class MessageBus:
 
         ``message`` is a contract instance, or a contract class with ``data``
         (a dict validated into it: pydantic's ``ValidationError`` if it does not
-        fit, nothing sent). With ``wait_for_confirmation`` (the default) this
-        returns once the broker has stored the event on every bound queue.
+        fit, nothing sent), or a registered message type's name with ``data``
+        (``publish("OrderPlaced", {...})``, as platform code writes it: the version
+        ``publish_versions`` pins, else the oldest registered). With
+        ``wait_for_confirmation`` (the default) this returns once the broker has
+        stored the event on every bound queue.
         ``after`` delays delivery ("10 seconds", 1500 ms, an ISO time; at most a
         year). Publishing to a type nobody subscribes to is not an error.
         ``message_id`` reuses an id (a re-sent event keeps its identity, so
@@ -764,7 +768,7 @@ class MessageBus:
                 service_name=self.service,
                 priority=priority,
                 headers=extra,
-                trace_context=Telemetry.trace_context(span),
+                trace_context=Telemetry.trace_context(span, extra),
                 max_size=self.max_message_size,
             )
             if span is not None:
@@ -772,23 +776,9 @@ class MessageBus:
                 span.set_attribute(CONVERSATION_ID, outgoing.correlation_id or "")
                 span.set_attribute(BODY_SIZE, len(outgoing.body))
             try:
-                if self._publish_chain is None:
-                    await transport.publish(
-                        exchange, routing_key, outgoing, confirm=wait_for_confirmation
-                    )
-                else:
-                    call = MessageCall(
-                        "publish",
-                        message_type,
-                        event,
-                        outgoing.headers,
-                        context=ctx,
-                        outgoing=outgoing,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        confirm=wait_for_confirmation,
-                    )
-                    await self._publish_chain(call)
+                await transport.publish(
+                    exchange, routing_key, outgoing, confirm=wait_for_confirmation
+                )
             except Exception as exc:
                 fail(span, exc)
                 raise
@@ -796,14 +786,11 @@ class MessageBus:
             telemetry.published.add(1, {MESSAGE_TYPE: message_type})
         return outgoing.message_id or ""
 
-    async def _send(self, call: MessageCall) -> None:
-        """The publish middleware chain's last step: hand the message to the transport."""
-        assert call.outgoing is not None  # a publish call always carries it
-        await self.transport.publish(
-            call.exchange, call.routing_key, call.outgoing, confirm=call.confirm
-        )
-
-    def _coerce(self, message: Message | type[Message], data: dict[str, Any] | None) -> Message:
+    def _coerce(
+        self, message: Message | type[Message] | str, data: dict[str, Any] | None
+    ) -> Message:
+        if isinstance(message, str):
+            message = self._contract_named(message)
         if isinstance(message, type) and issubclass(message, Message):
             if data is None:
                 raise ContractError(
@@ -829,3 +816,24 @@ class MessageBus:
         if event.is_abstract_contract():
             raise ContractError(f"{type(event).__name__} is an abstract contract")
         return event
+
+    def _contract_named(self, message_type: str) -> type[Message]:
+        """The contract ``publish("OrderPlaced", {...})`` means: pinned, else the oldest.
+
+        The oldest and not the latest: a name carries no version, and every
+        subscriber that serves the type serves its oldest version, so that is the one
+        a rolling deploy cannot break (pin a newer one with ``publish_versions``).
+        """
+        pinned = self.pinned_contracts.get(message_type)
+        if pinned is not None:
+            return pinned
+        versions = self.contracts.versions(message_type)
+        if not versions:
+            known = sorted({c.__message_type__ for c in self.contracts if issubclass(c, Event)})
+            close = difflib.get_close_matches(message_type, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ContractError(
+                f"publish({message_type!r}, ...): no event contract of that message type is "
+                f"registered in this process (import the module that defines it).{hint}"
+            )
+        return versions[min(versions)]
