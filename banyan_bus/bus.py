@@ -55,6 +55,8 @@ from banyan_bus.handlers import (
 )
 from banyan_bus.health import BusState, HealthMonitor, HealthReport
 from banyan_bus.idempotency import DEFAULT_TTL, IdempotencyStore, MemoryIdempotencyStore
+from banyan_bus.middleware import MessageCall, Middleware, Next, compose, wrap_handler
+from banyan_bus.middleware import check as check_middleware
 from banyan_bus.retry import RetryPolicy
 from banyan_bus.rpc import CommandConsumer, Requester, command_plan
 from banyan_bus.stage import STAGE_ENV, check_stage, scoped_url
@@ -120,6 +122,7 @@ class MessageBus:
     ``grace_period`` seconds that ``stop()`` lets in-flight handlers finish;
     ``publish_timeout`` seconds a publish waits for the broker's confirm (through a
     reconnect, a memory alarm) before it raises ``PublishError``.
+    ``middleware`` runs around every publish and every handler (``banyan_bus.middleware``).
     ``stage`` (else ``BANYAN_STAGE``) puts the bus in that stage's vhost (``stage.py``);
     ``publishes`` names the event contracts the service publishes (its AsyncAPI document).
     ``publish_versions`` pins the version ``publish`` emits per contract
@@ -142,6 +145,7 @@ class MessageBus:
         idempotency_store: IdempotencyStore | None = None,
         idempotency_ttl: float = DEFAULT_TTL,
         contracts: ContractRegistry | None = None,
+        middleware: Sequence[Middleware] = (),
         stage: str | None = None,
         publishes: Sequence[type[Event]] | None = None,
         publish_versions: Mapping[type[Message] | str, int] | None = None,
@@ -184,6 +188,11 @@ class MessageBus:
         self._started = False
         self._state: BusState = "stopped"
         self._health = HealthMonitor(self.service)
+        #: Runs around every publish and every handler, the first outermost (middleware.py).
+        self.middleware = check_middleware(middleware)
+        self._publish_chain: Next | None = (
+            compose(self.middleware, self._send) if self.middleware else None
+        )
         self._log = log.bind(service=service)
 
     def __repr__(self) -> str:
@@ -348,6 +357,7 @@ class MessageBus:
         partitions: int | None = None,
         idempotent: bool = False,
         idempotency_key: Callable[[Any], str] | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> Subscription:
         """Handle ``contract`` events with ``handler`` in ``subscription_group``.
 
@@ -363,6 +373,7 @@ class MessageBus:
         retried in place, holding its key. ``partitions`` (default 4) spreads keys
         over that many queues. ``idempotent=True`` (or ``idempotency_key=fn``)
         runs each handler once per event id (or key), through ``idempotency_store``.
+        ``middleware`` runs around this handler, inside the bus's middleware.
         """
         options = SubscriptionOptions(
             subscription_group=subscription_group,
@@ -377,6 +388,7 @@ class MessageBus:
             partitions=partitions,
             idempotent=idempotent,
             idempotency_key=idempotency_key,
+            middleware=middleware,
         )
         known = set(self._subscriptions)
         sub = self._record(contract, function_handler(contract, handler), options)
@@ -432,6 +444,7 @@ class MessageBus:
         self, contract: type[Message], spec: HandlerSpec, options: SubscriptionOptions
     ) -> Subscription:
         """Add ``spec`` to its group's subscription, creating it on first use."""
+        spec = wrap_handler(spec, (*self.middleware, *options.middleware))
         message_type = event_type_of(contract)
         group = check_group_name(options.subscription_group or self.service)
         sub = self._subscriptions.get((group, message_type))
@@ -579,7 +592,10 @@ class MessageBus:
                 f"({self._commands[message_type][0].name}); exactly one handler owns a "
                 f"{opts.kind}"
             )
-        self._commands[message_type] = (spec, opts.options)
+        self._commands[message_type] = (
+            wrap_handler(spec, (*self.middleware, *opts.options.middleware)),
+            opts.options,
+        )
 
     async def _start_command_consumer(
         self, message_type: str, spec: HandlerSpec, options: SubscriptionOptions
@@ -776,15 +792,36 @@ class MessageBus:
                 span.set_attribute(CONVERSATION_ID, outgoing.correlation_id or "")
                 span.set_attribute(BODY_SIZE, len(outgoing.body))
             try:
-                await transport.publish(
-                    exchange, routing_key, outgoing, confirm=wait_for_confirmation
-                )
+                if self._publish_chain is None:
+                    await transport.publish(
+                        exchange, routing_key, outgoing, confirm=wait_for_confirmation
+                    )
+                else:
+                    call = MessageCall(
+                        "publish",
+                        message_type,
+                        event,
+                        outgoing.headers,
+                        context=ctx,
+                        outgoing=outgoing,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        confirm=wait_for_confirmation,
+                    )
+                    await self._publish_chain(call)
             except Exception as exc:
                 fail(span, exc)
                 raise
         if telemetry.enabled:
             telemetry.published.add(1, {MESSAGE_TYPE: message_type})
         return outgoing.message_id or ""
+
+    async def _send(self, call: MessageCall) -> None:
+        """The publish middleware chain's last step: hand the message to the transport."""
+        assert call.outgoing is not None  # a publish call always carries it
+        await self.transport.publish(
+            call.exchange, call.routing_key, call.outgoing, confirm=call.confirm
+        )
 
     def _coerce(
         self, message: Message | type[Message] | str, data: dict[str, Any] | None
