@@ -1,7 +1,9 @@
 """Reliability suite (issue 10): faults injected mid-stream, every event id counted.
 
 Every test here is marked ``reliability``; select it with ``pytest -m reliability`` or leave
-it out with ``-m "not reliability"``. Figures go to ``tests/reliability/RESULTS.md``.
+it out with ``-m "not reliability"``. Figures go to ``reports/reliability/RESULTS.md``
+(git-ignored); ``python -m tests.reliability.results --commit`` copies them into the
+committed ``tests/reliability/RESULTS.md``.
 """
 
 from __future__ import annotations

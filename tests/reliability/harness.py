@@ -1,6 +1,6 @@
 """Shared pieces of the reliability suite: the numbered event, a confirming publisher that
 retries until each number is confirmed, per-group recorders, the loss/duplicate analysis
-and the RESULTS.md writer.
+and the results writer (to the ignored ``reports/``; ``results.py`` commits them).
 
 Ids are the event's ``n`` (0..N-1). ``confirmed`` holds only numbers whose publish returned
 (the broker confirmed it); a publish that raised is retried with the same number, so a
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from banyan_bus import Event, MessageBus
+from tests.reliability import results
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 PUBLISH_TIMEOUT = 15.0  # one publish attempt (a confirm that never comes counts as failed)
 NUMBER_DEADLINE = 120.0  # give up (fail) if one number cannot be confirmed for this long
 PAUSE_STARTS_WITHIN = 5.0  # a fault's pause in handling starts within this many s of it
@@ -211,7 +210,11 @@ def fmt_recovery(values: list[float | None], pauses: list[float | None]) -> str:
 
 
 def write_results(scenario: str, title: str, rows: dict[str, Any], notes: str = "") -> None:
-    """Replace (or add) ``scenario``'s table in RESULTS.md."""
+    """Replace (or add) ``scenario``'s table in ``reports/reliability/RESULTS.md``.
+
+    Never the committed ``tests/reliability/RESULTS.md``: a test run leaves the
+    checkout clean; ``python -m tests.reliability.results --commit`` updates it.
+    """
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     lines = [
         f"<!-- scenario:{scenario} -->",
@@ -226,23 +229,7 @@ def write_results(scenario: str, title: str, rows: dict[str, Any], notes: str = 
     if notes:
         lines += ["", notes]
     lines.append(f"<!-- /scenario:{scenario} -->")
-    block = "\n".join(lines)
-    header = (
-        "# Reliability suite results\n\n"
-        "Written by `tests/reliability` each time it runs (one table per scenario, "
-        "overwritten). Ids are event numbers; *lost* = confirmed by the broker but never "
-        "handled by a group meant to get it; *recovery* = seconds from a fault until handling "
-        "resumed after the longest pause that began within 5 s of it (slowest group), with that "
-        "pause's length; a pause of ~0.1 s or less means the stream barely noticed.\n"
-    )
-    text = RESULTS.read_text() if RESULTS.exists() else header
-    blocks = {
-        m.group(1): m.group(0)
-        for m in re.finditer(r"<!-- scenario:(\S+) -->.*?<!-- /scenario:\1 -->", text, re.S)
-    }
-    blocks[scenario] = block
-    text = header + "".join(f"\n{blocks[k]}\n" for k in sorted(blocks))
-    RESULTS.write_text(text)
+    results.record(scenario, "\n".join(lines))
 
 
 def verdict(outcome: Outcome, extra_failures: list[str] | None = None) -> str:
