@@ -38,7 +38,8 @@ from banyan_bus.handlers import (
     downcaster,
     upcaster,
 )
-from banyan_bus.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
+from banyan_bus.idempotency import IdempotencyStore, MemoryIdempotencyStore
+from banyan_bus.idempotency_redis import RedisIdempotencyStore
 from banyan_bus.retry import RetryPolicy
 
 __all__ = [

@@ -28,7 +28,8 @@ claim. Every claim carries a token unique to that attempt; ``complete`` and
 ``release`` are compare-and-set on it.
 
 Two stores ship: :class:`MemoryIdempotencyStore` (one process, the default)
-and :class:`RedisIdempotencyStore` (shared by every instance of a service).
+and :class:`~banyan_bus.idempotency_redis.RedisIdempotencyStore` (shared by every instance
+of a service, in its own module).
 The engine uses :class:`Deduplicator` (or the lower-level :func:`guard`)::
 
     dedup = Deduplicator(store, group="emails", lease=150)
@@ -47,7 +48,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 import structlog
 from opentelemetry import metrics
@@ -58,11 +59,6 @@ from banyan_bus.errors import (
     IdempotencyKeyBusy,
     IdempotencyStoreError,
 )
-from banyan_bus.transport.url import mask_url
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
-    from redis.commands.core import AsyncScript
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -75,7 +71,6 @@ __all__ = [
     "IdempotencyStoreError",
     "MemoryIdempotencyStore",
     "Outcome",
-    "RedisIdempotencyStore",
     "guard",
     "idempotency_key",
     "make_key",
@@ -332,136 +327,6 @@ class MemoryIdempotencyStore:
 
     async def close(self) -> None:
         """Nothing to free; the keys stay, so a bus restarted in-process keeps its memory."""
-
-
-# -- Redis ----------------------------------------------------------------------------------
-
-# Claim in one round trip: SET NX PX, else read what holds the key. One script, so
-# the key cannot expire between the SET and the GET.
-_CLAIM_LUA = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return 'claimed'
-end
-local value = redis.call('GET', KEYS[1])
-if value == ARGV[3] then
-    return 'done'
-end
-if value == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return 'claimed'
-end
-return 'busy'
-"""
-
-# Compare-and-set: only the token's holder (or nobody) may mark the key done.
-_COMPLETE_LUA = """
-local value = redis.call('GET', KEYS[1])
-if value == ARGV[1] or value == false then
-    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-    return 1
-end
-return 0
-"""
-
-# Compare-and-delete: a stale worker never frees someone else's claim.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-_CLAIM_RESULTS: dict[str, ClaimResult] = {"claimed": "claimed", "done": "done", "busy": "busy"}
-
-_INSTALL_HINT = 'RedisIdempotencyStore needs redis-py: pip install "banyan-bus[redis]"'
-
-
-def _milliseconds(name: str, seconds: float) -> int:
-    return max(1, math.ceil(_positive(name, seconds) * 1000))
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class RedisIdempotencyStore:
-    """Keys in Redis, shared by every instance of a service (redis-py asyncio).
-
-    Each key is ``prefix + key``; a claim is ``SET key token NX PX lease``, a
-    completion overwrites it with ``"done"`` and a ``PX`` of ``ttl``, so Redis
-    itself forgets old keys. ``complete`` and ``release`` are Lua
-    compare-and-set scripts on the token.
-
-    Give ``url`` (the store opens and closes its own client, with ``timeout``
-    seconds for connecting and for each command), or a ready ``client`` (which
-    the store uses as is and never closes). Redis errors surface as
-    :class:`IdempotencyStoreError`.
-
-    >>> store = RedisIdempotencyStore("redis://localhost:6379/0")  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        url: str = "redis://localhost:6379/0",
-        *,
-        prefix: str = "banyan:idem:",
-        client: Redis | None = None,
-        timeout: float = 5.0,
-    ) -> None:
-        try:
-            import redis.asyncio as redis_asyncio
-            import redis.exceptions
-        except ModuleNotFoundError as exc:
-            raise ConfigurationError(_INSTALL_HINT) from exc
-        self._redis_error = redis.exceptions.RedisError
-        self._prefix = prefix
-        self._owns_client = client is None
-        if client is None:
-            timeout = _positive("timeout", timeout)
-            client = redis_asyncio.Redis.from_url(
-                url, socket_connect_timeout=timeout, socket_timeout=timeout
-            )
-            self._where = mask_url(url)
-        else:
-            self._where = "the given redis client"
-        self._client = client
-        self._claim: AsyncScript = client.register_script(_CLAIM_LUA)
-        self._complete: AsyncScript = client.register_script(_COMPLETE_LUA)
-        self._release: AsyncScript = client.register_script(_RELEASE_LUA)
-
-    async def _run(self, operation: str, script: AsyncScript, key: str, *args: str | int) -> str:
-        try:
-            result = await script(keys=[self._prefix + key], args=list(args))
-        except self._redis_error as exc:
-            raise IdempotencyStoreError(
-                f"idempotency store at {self._where} failed to {operation} key {key!r}: "
-                f"{type(exc).__name__}: {exc}. Is Redis up? (`bash scripts/services.sh redis` "
-                f"starts a local one.)"
-            ) from exc
-        return _text(result)
-
-    async def claim(self, key: str, *, token: str, lease: float) -> ClaimResult:
-        _check_token(token)
-        ms = _milliseconds("lease", lease)
-        result = await self._run("claim", self._claim, key, token, ms, _DONE)
-        claimed = _CLAIM_RESULTS.get(result)
-        if claimed is None:
-            raise IdempotencyStoreError(f"claim script at {self._where} returned {result!r}")
-        return claimed
-
-    async def complete(self, key: str, *, token: str, ttl: float) -> bool:
-        _check_token(token)
-        ms = _milliseconds("ttl", ttl)
-        return await self._run("complete", self._complete, key, token, _DONE, ms) == "1"
-
-    async def release(self, key: str, *, token: str) -> bool:
-        _check_token(token)
-        return await self._run("release", self._release, key, token) == "1"
-
-    async def close(self) -> None:
-        """Close the client if this store opened it."""
-        if self._owns_client:
-            await self._client.aclose()
 
 
 # -- what the engine calls ------------------------------------------------------------------

@@ -19,9 +19,9 @@ from banyan_bus.idempotency import (
     Deduplicator,
     IdempotencyKeyBusy,
     IdempotencyStoreError,
-    RedisIdempotencyStore,
     guard,
 )
+from banyan_bus.idempotency_redis import RedisIdempotencyStore
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ from banyan_bus.idempotency import (
     IdempotencyStore,
     IdempotencyStoreError,
     MemoryIdempotencyStore,
-    RedisIdempotencyStore,
     guard,
     idempotency_key,
     make_key,
 )
+from banyan_bus.idempotency_redis import RedisIdempotencyStore
 
 
 class FakeClock:
