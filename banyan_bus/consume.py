@@ -358,6 +358,7 @@ class SubscriptionConsumer(DeliveryConsumer):
                         await self._attempt(handler, envelope.payload, ctx)
                     else:
                         self._log.info("duplicate_skipped", handler=handler.name, message_id=ctx.id)
+                        self._telemetry.deduplicated.add(1, self._labels)
                 return True
             except (IdempotencyKeyBusy, IdempotencyStoreError) as exc:
                 self._log.info(

@@ -243,3 +243,28 @@ async def test_command_handler_log_lines_carry_the_trace_attempt_and_version(
     assert line["message_type"] == "CheckLamp"
     assert line["group"] == owner.service
     assert str(line["handler"]).endswith("CheckLampHandler")
+
+
+class LanternTrimmed(Event):
+    lantern_id: str
+
+
+async def test_a_skipped_duplicate_is_counted(amqp_url: str, unique) -> None:
+    runs: list[str] = []
+
+    async def trim(event: LanternTrimmed) -> None:
+        runs.append(event.lantern_id)
+
+    group = unique("lamplighters")
+    bus = MessageBus(group, amqp_url)
+    await bus.subscribe(LanternTrimmed, trim, idempotent=True)
+    labels = {"banyan.message.type": "LanternTrimmed", "messaging.consumer.group.name": group}
+    async with bus:
+        for _ in range(3):  # one event, re-sent twice with its id: two duplicates
+            await bus.publish(LanternTrimmed(lantern_id="l1"), message_id="evt_lantern_1")
+        await wait_until(
+            lambda: counter("banyan.messages.deduplicated", **labels) == 2,
+            timeout=10,
+            what="two counted duplicates",
+        )
+    assert runs == ["l1"]
