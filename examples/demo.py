@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import uuid
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
@@ -39,6 +41,26 @@ _CONTEXT_KEYS = frozenset(
         "span_id",
     }
 )
+
+
+def demo_url(story: str) -> str:
+    """A private in-process broker for the demo, and one line saying so.
+
+    The demo runs every service of the story in one process, on ``memory://``,
+    whatever ``BANYAN_URL`` says: on a shared RabbitMQ vhost its services would
+    compete with the same example services run by ``banyan run``. To see them
+    on RabbitMQ, run each service with ``banyan run`` instead.
+    """
+    url = f"memory://{story}-demo-{uuid.uuid4().hex[:8]}"
+    ignored = os.environ.get("BANYAN_URL")
+    note = (
+        f" (BANYAN_URL is ignored: to use RabbitMQ run each service with `banyan run "
+        f"examples.{story}.<service>:bus`)"
+        if ignored and not ignored.startswith("memory:")
+        else ""
+    )
+    print(line("demo", "running on memory://", broker="in-process") + note)
+    return url
 
 
 def line(who: str, what: str, **details: Any) -> str:

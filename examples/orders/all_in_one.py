@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import uuid
 from decimal import Decimal
 
 from banyan_bus import MessageBus
 from contracts.orders import OrderShipped, PlaceOrder
-from examples.demo import configure_demo_logging, line, settle
+from examples.demo import configure_demo_logging, demo_url, line, settle
 from examples.orders import order_service, payment_service, shipping_service
 
 ORDERS = [
@@ -27,7 +26,7 @@ ORDERS = [
 
 async def main() -> int:
     configure_demo_logging()
-    url = f"memory://orders-demo-{uuid.uuid4().hex[:8]}"
+    url = demo_url("orders")  # in-process, whatever BANYAN_URL says (and it says so)
     services = [m.create_bus(url) for m in (order_service, payment_service, shipping_service)]
     client = MessageBus("storefront", url)
     shipped: set[str] = set()

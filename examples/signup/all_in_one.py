@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import uuid
 
 from banyan_bus import MessageBus, RemoteHandlerError
 from contracts.users import CreateUser, UserView
-from examples.demo import configure_demo_logging, line, settle
+from examples.demo import configure_demo_logging, demo_url, line, settle
 from examples.signup import analytics_service, email_service, notification_service, user_service
 
 SIGNUPS = [
@@ -26,8 +25,7 @@ SIGNUPS = [
 
 async def main() -> int:
     configure_demo_logging()
-    # A private in-process broker, whatever BANYAN_URL says: this demo needs no RabbitMQ.
-    url = f"memory://signup-demo-{uuid.uuid4().hex[:8]}"
+    url = demo_url("signup")  # in-process, whatever BANYAN_URL says (and it says so)
     services = [
         m.create_bus(url)
         for m in (user_service, email_service, analytics_service, notification_service)
