@@ -1,0 +1,1 @@
+"""A FastAPI service that publishes through banyan_bus (``app.py``)."""
