@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, create_model
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
+from pydantic_core import core_schema
 
 from banyan_bus.contracts import Event, Message, routing_key_for
 from banyan_bus.envelope import CONTENT_TYPE, HEADER_PARTITION_KEY, HEADER_VERSION, EnvelopeHeader
@@ -139,6 +140,51 @@ def _rewrite_refs(node: Any, renames: dict[str, str]) -> Any:
     return node
 
 
+class _WireJsonSchema(GenerateJsonSchema):
+    """pydantic's JSON Schema in the wire's forms (``banyan_bus/wire.py``).
+
+    A ``Decimal`` is a JSON number with its exact digits, so its schema is ``number``
+    (pydantic says ``string``, or ``number`` or ``string``), keeping its bounds.
+    """
+
+    def decimal_schema(self, schema: core_schema.DecimalSchema) -> JsonSchemaValue:
+        def bound(key: Literal["multiple_of", "le", "ge", "lt", "gt"]) -> float | None:
+            value = schema.get(key)
+            return None if value is None else float(value)
+
+        number = core_schema.float_schema(
+            multiple_of=bound("multiple_of"),
+            le=bound("le"),
+            ge=bound("ge"),
+            lt=bound("lt"),
+            gt=bound("gt"),
+        )
+        return self.float_schema(number)
+
+
+#: What banyan_bus always writes in ``traceContext``: a W3C trace context, lowercase hex.
+_TRACE_FIELDS = {"traceId": 32, "spanId": 16, "traceFlags": 2}
+
+
+def _require_trace_context(components: dict[str, Any]) -> None:
+    """The envelope always carries ``traceContext`` (DESIGN.md §2), all three fields set.
+
+    The decoder accepts an envelope without one (a foreign publisher's), so pydantic
+    calls it optional; the document says what the platform's readers can rely on.
+    """
+    header, trace = components["EnvelopeHeader"], components["TraceContext"]
+    header["properties"]["traceContext"] = {
+        "$ref": _SCHEMAS + "TraceContext",
+        "description": "W3C trace context; always present.",
+    }
+    header["required"] = [*header.get("required", []), "traceContext"]
+    for name, digits in _TRACE_FIELDS.items():
+        field = trace["properties"][name]
+        field.pop("default", None)
+        field.update({"type": "string", "pattern": f"^[0-9a-f]{{{digits}}}$"})
+    trace["required"] = list(_TRACE_FIELDS)
+
+
 class _Schemas:
     """Every model's JSON Schema in one pydantic pass, so shared names never collide."""
 
@@ -148,12 +194,14 @@ class _Schemas:
             [(m, "serialization") for m in unique],
             by_alias=True,
             ref_template=_SCHEMAS + "{model}",
+            schema_generator=_WireJsonSchema,
         )
         defs: dict[str, Any] = top.get("$defs", {})
         # AsyncAPI component keys allow letters, digits, '.', '-', '_' only
         # (pydantic may name a generic model "Page[int]").
         renames = {name: _COMPONENT_KEY.sub("_", name) for name in defs}
         self.components = {renames[n]: _rewrite_refs(s, renames) for n, s in defs.items()}
+        _require_trace_context(self.components)
         self._refs = {
             model: _rewrite_refs(refs[(model, "serialization")], renames) for model in unique
         }

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from banyan_bus import Command, CommandHandler, Event, EventHandler, MessageBus, Query, QueryHandler
 from banyan_bus.asyncapi import asyncapi_document, subscriptions_of
 from banyan_bus.envelope import encode
+from banyan_bus.telemetry import Telemetry
 from contracts.orders import OrderPlaced
 from contracts.users import EmailSent, UserCreated, UserCreatedV2
 
@@ -198,9 +199,13 @@ def test_a_real_envelope_validates_against_its_message_payload() -> None:
     event = UserCreated(
         user_id="usr_1", email="a@example.com", name="A", created_at=datetime.now(UTC)
     )
-    body = json.loads(encode(event, service_name="user-service").body)
+    # As the bus encodes it: a traceContext is always there (Telemetry.trace_context).
+    trace = Telemetry.trace_context(None, {})
+    body = json.loads(encode(event, service_name="user-service", trace_context=trace).body)
     v1 = payload_validator(document, "UserCreated.v1")
     v1.validate(body)
+    with pytest.raises(jsonschema.ValidationError):  # the schema says it is required
+        v1.validate({**body, "traceContext": None})
     # The schema is strict where it matters: a v1 envelope is not a v2 message, and the
     # contract's required fields are required.
     with pytest.raises(jsonschema.ValidationError):
