@@ -31,16 +31,11 @@ from banyan_bus.errors import (
     TopologyMismatch,
     Unroutable,
 )
-from banyan_bus.handlers import (
-    CommandHandler,
-    EventHandler,
-    QueryHandler,
-    downcaster,
-    upcaster,
-)
+from banyan_bus.handlers import CommandHandler, EventHandler, QueryHandler
 from banyan_bus.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from banyan_bus.idempotency_redis import RedisIdempotencyStore
 from banyan_bus.retry import RetryPolicy
+from banyan_bus.versions import downcaster, upcaster
 
 __all__ = [
     "BanyanError",

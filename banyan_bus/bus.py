@@ -45,14 +45,7 @@ from banyan_bus.envelope import (
     encode,
 )
 from banyan_bus.errors import ConfigurationError, ContractError, HandlerError
-from banyan_bus.handlers import (
-    HandlerSpec,
-    dispatch_table,
-    function_handler,
-    handler_options,
-    pinned_versions,
-    read_as,
-)
+from banyan_bus.handlers import HandlerSpec, dispatch_table, function_handler, handler_options
 from banyan_bus.health import BusState, HealthMonitor, HealthReport
 from banyan_bus.idempotency import DEFAULT_TTL, IdempotencyStore, MemoryIdempotencyStore
 from banyan_bus.middleware import MessageCall, Middleware, Next, compose, wrap_handler
@@ -94,6 +87,7 @@ from banyan_bus.topology import (
 from banyan_bus.transport.base import Delivery, Headers, Transport
 from banyan_bus.transport.factory import make_transport
 from banyan_bus.transport.url import mask_url
+from banyan_bus.versions import pinned_versions, read_as
 
 log = structlog.get_logger("banyan_bus.bus")
 

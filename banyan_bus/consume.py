@@ -51,13 +51,14 @@ from banyan_bus.envelope import (
     format_timestamp,
 )
 from banyan_bus.errors import BanyanError
-from banyan_bus.handlers import HandlerSpec, VersionReader
+from banyan_bus.handlers import HandlerSpec
 from banyan_bus.idempotency import Deduplicator, IdempotencyKeyBusy, IdempotencyStoreError
 from banyan_bus.logcontext import bind_handler_log_context
 from banyan_bus.retry import RetryDecision
 from banyan_bus.subscription import Subscription
 from banyan_bus.telemetry import Telemetry, fail
 from banyan_bus.transport.base import Delivery, Headers, HeaderValue, Transport
+from banyan_bus.versions import VersionReader
 
 __all__ = ["BUSY_RETRY_DELAY_S", "Subscription", "SubscriptionConsumer"]
 

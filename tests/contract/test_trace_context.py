@@ -13,12 +13,12 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 
 
-class KettleBoiled(Event):
-    kettle_id: str
+class SamovarHeated(Event):
+    samovar_id: str
 
 
-class TeaBrewed(Event):
-    kettle_id: str
+class ChaiSteeped(Event):
+    samovar_id: str
 
 
 async def test_every_envelope_has_a_trace_and_a_handler_continues_it(
@@ -27,17 +27,17 @@ async def test_every_envelope_has_a_trace_and_a_handler_continues_it(
     seen: dict[str, MessageContext] = {}
     bus = MessageBus(unique("tea-room"), bus_url)
 
-    async def boil(event: KettleBoiled, ctx: MessageContext) -> None:
+    async def boil(event: SamovarHeated, ctx: MessageContext) -> None:
         seen["boiled"] = ctx
-        await bus.publish(TeaBrewed(kettle_id=event.kettle_id))
+        await bus.publish(ChaiSteeped(samovar_id=event.samovar_id))
 
-    async def brew(event: TeaBrewed, ctx: MessageContext) -> None:
+    async def brew(event: ChaiSteeped, ctx: MessageContext) -> None:
         seen["brewed"] = ctx
 
-    await bus.subscribe(KettleBoiled, boil)
-    await bus.subscribe(TeaBrewed, brew)
+    await bus.subscribe(SamovarHeated, boil)
+    await bus.subscribe(ChaiSteeped, brew)
     async with bus:
-        await bus.publish(KettleBoiled(kettle_id="k1"))
+        await bus.publish(SamovarHeated(samovar_id="k1"))
         await wait_until(lambda: "brewed" in seen, timeout=10, what="the follow-up")
 
     first, second = seen["boiled"].trace_context, seen["brewed"].trace_context
@@ -60,14 +60,14 @@ async def test_every_envelope_has_a_trace_and_a_handler_continues_it(
 async def test_publishes_outside_handlers_start_their_own_traces(bus_url: str, unique) -> None:
     seen: list[MessageContext] = []
 
-    async def boil(event: KettleBoiled, ctx: MessageContext) -> None:
+    async def boil(event: SamovarHeated, ctx: MessageContext) -> None:
         seen.append(ctx)
 
     bus = MessageBus(unique("tea-room"), bus_url)
-    await bus.subscribe(KettleBoiled, boil)
+    await bus.subscribe(SamovarHeated, boil)
     async with bus:
         for i in range(3):
-            await bus.publish(KettleBoiled(kettle_id=f"k{i}"))
+            await bus.publish(SamovarHeated(samovar_id=f"k{i}"))
         await wait_until(lambda: len(seen) == 3, timeout=10, what="3 events")
     traces = {ctx.trace_context.trace_id for ctx in seen if ctx.trace_context is not None}
     assert len(traces) == 3

@@ -8,7 +8,7 @@ import pytest
 from banyan_bus import ContractError, Event, HandlerError, downcaster, upcaster
 from banyan_bus.contracts import registry
 from banyan_bus.errors import ConfigurationError
-from banyan_bus.handlers import downcast_chain, pinned_versions, read_as
+from banyan_bus.versions import downcast_chain, pinned_versions, read_as
 
 
 class LeaseSigned(Event):
