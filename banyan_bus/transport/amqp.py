@@ -13,10 +13,8 @@ aio-pika/aiormq errors are translated here and never escape.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import ssl
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -24,13 +22,11 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 import structlog
-from aio_pika import RobustConnection
 from aio_pika.abc import (
     AbstractChannel,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from yarl import URL
 
@@ -41,12 +37,18 @@ from banyan_bus.errors import (
     ConfigurationError,
     PluginMissing,
     PublishError,
-    SettleError,
     TopologyError,
     TopologyMismatch,
     Unroutable,
 )
 from banyan_bus.transport import amqp_frames
+from banyan_bus.transport.amqp_connection import (
+    FailoverConnection,
+    channel_max,
+    explain_refusal,
+    with_heartbeat,
+)
+from banyan_bus.transport.amqp_consumer import AmqpConsumer, AmqpDelivery
 from banyan_bus.transport.amqp_properties import WireProperties
 from banyan_bus.transport.amqp_settle import ChannelSettler
 from banyan_bus.transport.base import (
@@ -55,7 +57,6 @@ from banyan_bus.transport.base import (
     Delivery,
     DeliveryCallback,
     ExchangeType,
-    Headers,
     OutgoingMessage,
     QueueState,
     Transport,
@@ -72,277 +73,6 @@ _INEQUIVALENT = re.compile(
 )
 
 
-class AmqpDelivery(Delivery):
-    """A delivery read straight from aiormq (no aio-pika message object, no extra task).
-
-    Settling goes through the channel's ``ChannelSettler``: it returns at once,
-    and the frame goes out, coalesced with the others of this loop turn, right
-    after. Without a settler (direct reply-to, no-ack) the message is settled
-    on arrival.
-    """
-
-    __slots__ = ("_channel", "_settled", "_settler", "_tag")
-
-    def __init__(self, message: DeliveredMessage, settler: ChannelSettler | None) -> None:
-        props = message.header.properties
-        frame = message.delivery
-        super().__init__(
-            body=message.body,
-            headers=cast(Headers, props.headers or {}),
-            message_id=props.message_id,
-            correlation_id=props.correlation_id,
-            message_type=props.message_type,
-            timestamp=props.timestamp,
-            priority=props.priority,
-            content_type=props.content_type,
-            reply_to=props.reply_to,
-            redelivered=bool(getattr(frame, "redelivered", False)),
-            exchange=getattr(frame, "exchange", None) or "",
-            routing_key=getattr(frame, "routing_key", None) or "",
-        )
-        self._channel = message.channel
-        self._settler = settler
-        self._tag: int = getattr(frame, "delivery_tag", None) or 0
-        self._settled = settler is None
-        if settler is not None:
-            settler.delivered(self._tag)
-
-    @property
-    def settled(self) -> bool:
-        return self._settled
-
-    @property
-    def stale(self) -> bool:
-        return bool(self._channel.is_closed)
-
-    def _settle(self, action: str) -> ChannelSettler:
-        if self._settled:
-            raise RuntimeError(f"cannot {action} message {self.message_id!r}: already settled")
-        self._settled = True
-        settler = self._settler
-        assert settler is not None  # a delivery without one is settled from the start
-        if settler.closed:
-            # The broker has already returned the message to its queue and will
-            # redeliver it. Nothing is lost, so this is not fatal.
-            raise SettleError(
-                f"cannot {action} message {self.message_id!r}: its channel is closed "
-                f"(the message will be redelivered)"
-            )
-        return settler
-
-    async def ack(self) -> None:
-        self._settle("ack").ack(self._tag)
-
-    async def nack(self, *, requeue: bool = True) -> None:
-        self._settle("nack").nack(self._tag, requeue=requeue)
-
-    async def reject(self) -> None:
-        self._settle("reject").reject(self._tag)
-
-
-class _AmqpConsumer(Consumer):
-    """One basic.consume, on a robust channel of its own, renewed whenever it reopens.
-
-    Deliveries go from aiormq's per-delivery task straight to the callback
-    (aio-pika's consumer wrapper would build a message object and start a
-    second task per delivery). With ``no_ack`` (direct reply-to) the broker
-    settles on arrival, so deliveries get no settler.
-    """
-
-    def __init__(
-        self,
-        queue: str,
-        callback: DeliveryCallback,
-        channel: AbstractRobustChannel,
-        transport: AmqpTransport,
-        *,
-        no_ack: bool = False,
-    ) -> None:
-        self._queue = queue
-        self._no_ack = no_ack
-        self._callback = callback
-        self._channel = channel
-        self._transport = transport
-        self._tag = f"banyan.{queue}.{os.urandom(8).hex()}"
-        self._cancelled = False
-        self._underlay: aiormq.abc.AbstractChannel | None = None
-        self._settler: ChannelSettler | None = None
-        self._taking = False  # basic.consume answered, and the broker has not cancelled it
-
-    async def start(self) -> None:
-        await self._consume()
-        self._channel.reopen_callbacks.add(self._reopened)
-
-    async def _consume(self) -> None:
-        underlay = await self._channel.get_underlay_channel()
-        settler = None if self._no_ack else ChannelSettler(underlay)
-        callback = self._callback
-
-        async def on_message(message: DeliveredMessage) -> None:
-            await callback(AmqpDelivery(message, settler))
-
-        underlay.on_consumer_cancel_callbacks.add(self._broker_cancelled)
-        self._underlay, self._settler = underlay, settler
-        await underlay.basic_consume(
-            self._queue, on_message, consumer_tag=self._tag, no_ack=self._no_ack
-        )
-        self._taking = True
-
-    @property
-    def queue(self) -> str:
-        return self._queue
-
-    @property
-    def active(self) -> bool:
-        """Taking deliveries now: not cancelled (by us or the broker), its channel open."""
-        underlay = self._underlay
-        return (
-            self._taking and not self._cancelled and underlay is not None and not underlay.is_closed
-        )
-
-    async def _reopened(self, *_: Any) -> None:
-        if not self._cancelled:
-            await self._consume()
-
-    def _broker_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        """The broker ended our consumer (its queue was deleted, or it moved): start again
-        once the queue is there, as aio-pika's robust queues do."""
-        if frame.consumer_tag != self._tag or self._cancelled:
-            return
-        self._taking = False
-        log.warning("consumer_cancelled_by_broker", queue=self._queue)
-        self._transport._spawn(self._resume())
-
-    async def _resume(self) -> None:
-        while not self._cancelled and self._transport._connection is not None:
-            await asyncio.sleep(self._transport._reconnect_interval)
-            if self._cancelled or await self._transport.queue_state(self._queue) is None:
-                continue
-            try:
-                await self._consume()
-            except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError):
-                continue
-            return
-
-    async def drain(self) -> None:
-        if self._settler is not None:
-            await self._settler.drain()
-
-    async def cancel(self) -> None:
-        self._cancelled = True
-        self._channel.reopen_callbacks.discard(self._reopened)
-        underlay = self._underlay
-        if self._transport._connection is None or underlay is None or underlay.is_closed:
-            return  # the connection is gone: the broker has cancelled it already
-        try:
-            async with asyncio.timeout(10):
-                await underlay.basic_cancel(self._tag)
-        except (
-            TimeoutError,
-            aiormq.exceptions.AMQPError,
-            aio_pika.exceptions.ChannelInvalidStateError,
-        ):
-            pass
-
-
-class _FailoverConnection(RobustConnection):
-    """aio-pika's robust connection, reconnecting to the next node of a cluster.
-
-    aio-pika reconnects to the URL it was given; with a node down for good that
-    never succeeds. ``Connection.connect`` reads ``self.url`` once per attempt, so
-    while disconnected each attempt after a failed one moves on to the next URL.
-    """
-
-    def failover_urls(self, urls: list[str], *, start: int) -> None:
-        self._banyan_urls = [URL(u) for u in urls]
-        self._banyan_index = start
-        self._banyan_rotated = time.monotonic()
-
-    @property
-    def url(self) -> URL:
-        urls: list[URL] | None = self.__dict__.get("_banyan_urls")
-        if not urls:
-            return cast(URL, self.__dict__["_banyan_url"])
-        connected = self.__dict__.get("connected")
-        now = time.monotonic()
-        if (
-            len(urls) > 1
-            and connected is not None
-            and not connected.is_set()
-            and now - self._banyan_rotated >= 0.8 * self.reconnect_interval
-        ):
-            self._banyan_index = (self._banyan_index + 1) % len(urls)
-            self._banyan_rotated = now
-        return urls[self._banyan_index]
-
-    @url.setter
-    def url(self, value: URL) -> None:
-        self.__dict__["_banyan_url"] = value
-
-
-DEFAULT_HEARTBEAT = 8
-"""Seconds between AMQP heartbeats unless the URL says ``?heartbeat=N``.
-
-Why 8 and not the broker's 60: a half-open connection (a partition, a peer that
-vanished without a FIN or RST) is noticed only by missing heartbeats. aiormq
-gives up after three missed intervals plus one, checked every half interval:
-(8 + 1) x 3 = 27 s, noticed within about 31 s, against about 3 minutes at 60 s.
-Until then publishes without confirmation "succeed" into a dead socket
-(fire-and-forget is at-most-once during a partition) and consumers wait. A
-lower value notices sooner but drops a connection whose event loop is blocked
-that long (CPU-bound code in a handler).
-"""
-
-
-def _with_heartbeat(url: str) -> str:
-    parsed = URL(url)
-    if "heartbeat" in parsed.query:
-        return url
-    return str(parsed.update_query(heartbeat=DEFAULT_HEARTBEAT))
-
-
-DEFAULT_CHANNEL_MAX = 2047
-"""RabbitMQ's default ``channel_max``; a URL's ``?channel_max=N`` says the broker's own."""
-
-
-def _channel_max(url: str) -> int:
-    value = URL(url.split(",")[0].strip()).query.get("channel_max", str(DEFAULT_CHANNEL_MAX))
-    if not value.isdigit() or not 4 <= int(value) <= 65535:
-        raise ConfigurationError(
-            f"channel_max in the AMQP URL must be a whole number in 4..65535, got {value!r}"
-        )
-    return int(value)
-
-
-def _explain_refusal(exc: BaseException) -> str:
-    """The broker's own reason for refusing the handshake, where aiormq hides it.
-
-    A wrong vhost is refused with ``Connection.Close`` in answer to
-    ``Connection.Open``; aiormq reports that as ``InvalidFrameError: Expected one
-    of ['Connection.OpenOk'], got <Connection.Close object ...>``, which names
-    neither the vhost nor the reason. The Close frame's repr (made readable in
-    :func:`_readable_close_frames`) carries ``NOT_ALLOWED - vhost ... not found``.
-    """
-    text = str(exc)
-    match = re.search(r"Connection\.Close\((?P<code>\d+), (?P<text>.*)\)>?$", text)
-    if match:
-        return f"the broker refused: {match['text']} (reply code {match['code']})"
-    return f"{type(exc).__name__}: {text or 'no answer'}"
-
-
-def _readable_close_frames() -> None:
-    # pamqp's frames use object.__repr__; give the two Close frames their code and text
-    # so a refusal that aiormq reports only by repr still says why (see _explain_refusal).
-    def _repr(frame: spec.Connection.Close | spec.Channel.Close) -> str:
-        return f"<{frame.name}({frame.reply_code}, {frame.reply_text})>"
-
-    spec.Connection.Close.__repr__ = _repr  # type: ignore[assignment,method-assign]
-    spec.Channel.Close.__repr__ = _repr  # type: ignore[assignment,method-assign]
-
-
-_readable_close_frames()
-
-
 class AmqpTransport(Transport):
     """A RabbitMQ connection. ``url`` is an ``amqp://`` or ``amqps://`` URL.
 
@@ -350,7 +80,7 @@ class AmqpTransport(Transport):
     CAs by default; ``?cafile=/path/ca.pem`` names another CA, ``?certfile=`` and
     ``?keyfile=`` give a client certificate (mutual TLS), ``?no_verify_ssl=1`` turns
     verification off (tests only). ``ssl_context`` replaces all of these with a
-    context built in code. ``?heartbeat=N`` overrides :data:`DEFAULT_HEARTBEAT`.
+    context built in code. ``?heartbeat=N`` overrides ``amqp_connection.DEFAULT_HEARTBEAT``.
     """
 
     def __init__(
@@ -365,10 +95,10 @@ class AmqpTransport(Transport):
     ) -> None:
         self._publish_timeout = publish_timeout
         self._ssl_context = ssl_context
-        self._channel_max = _channel_max(url)
+        self._channel_max = channel_max(url)
         # Several comma-separated URLs name the nodes of one cluster.
         given = [u.strip() for u in url.split(",") if u.strip()]
-        self._urls = [_with_heartbeat(u) for u in given]
+        self._urls = [with_heartbeat(u) for u in given]
         self._url = self._urls[0] if self._urls else url
         self.display_url = ",".join(mask_url(u) for u in given) or mask_url(url)
         self._display_urls = [mask_url(u) for u in given]
@@ -380,7 +110,7 @@ class AmqpTransport(Transport):
         self._plain_channel: AbstractChannel | None = None
         self._topology_channel: AbstractChannel | None = None
         self._topology_lock = asyncio.Lock()
-        self._consumers: set[_AmqpConsumer] = set()
+        self._consumers: set[AmqpConsumer] = set()
         self._get_settlers: dict[aiormq.abc.AbstractChannel, ChannelSettler] = {}
         self._background: set[asyncio.Task[None]] = set()
         # The aiormq channel under each aio-pika one, while it is open.
@@ -395,7 +125,7 @@ class AmqpTransport(Transport):
         amqp_frames.install()
         errors: list[str] = []
         for index, url in enumerate(self._urls):
-            connection = _FailoverConnection(
+            connection = FailoverConnection(
                 URL(url),
                 ssl_context=self._ssl_context,
                 client_properties={"connection_name": self._name},
@@ -405,7 +135,7 @@ class AmqpTransport(Transport):
             try:
                 await connection.connect(timeout=self._connect_timeout)
             except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-                errors.append(f"{self._display_urls[index]}: {_explain_refusal(exc)}")
+                errors.append(f"{self._display_urls[index]}: {explain_refusal(exc)}")
                 await connection.close()
                 continue
             self._connection = connection
@@ -664,7 +394,7 @@ class AmqpTransport(Transport):
         if not await self.queue_state(queue):
             await channel.close()
             raise TopologyError(f"cannot consume {queue!r}: the queue does not exist")
-        consumer = _AmqpConsumer(queue, callback, channel, self)
+        consumer = AmqpConsumer(queue, callback, channel, self)
         await consumer.start()
         self._consumers.add(consumer)
         return consumer
@@ -679,7 +409,7 @@ class AmqpTransport(Transport):
         async def on_reply(delivery: Delivery) -> None:
             callback(delivery)
 
-        consumer = _AmqpConsumer(
+        consumer = AmqpConsumer(
             REPLY_TO, on_reply, cast(AbstractRobustChannel, channel), self, no_ack=True
         )
         await consumer.start()

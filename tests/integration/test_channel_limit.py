@@ -10,7 +10,8 @@ import pytest
 from yarl import URL
 
 from banyan_bus.errors import ConfigurationError
-from banyan_bus.transport.amqp import DEFAULT_CHANNEL_MAX, AmqpTransport
+from banyan_bus.transport.amqp import AmqpTransport
+from banyan_bus.transport.amqp_connection import DEFAULT_CHANNEL_MAX
 from banyan_bus.transport.base import Delivery, OutgoingMessage
 
 

@@ -6,7 +6,8 @@ import pytest
 from yarl import URL
 
 from banyan_bus.errors import BrokerUnreachable
-from banyan_bus.transport.amqp import DEFAULT_HEARTBEAT, AmqpTransport
+from banyan_bus.transport.amqp import AmqpTransport
+from banyan_bus.transport.amqp_connection import DEFAULT_HEARTBEAT
 
 
 async def test_a_wrong_vhost_reports_the_brokers_reason_and_hides_the_password() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from banyan_bus import Event, MessageBus
 from banyan_bus.errors import BanyanError
-from banyan_bus.transport.amqp import DEFAULT_HEARTBEAT
+from banyan_bus.transport.amqp_connection import DEFAULT_HEARTBEAT
 from tests.proxies import BrokerProxy
 from tests.support import duplicates, wait_until
 

@@ -1,0 +1,204 @@
+"""What the RabbitMQ transport delivers: deliveries read straight from aiormq, and the consumer.
+
+The consume hot path, apart from the transport's set-up and topology: a
+delivery is built from aiormq's message without an aio-pika message object and
+settled through its channel's ``ChannelSettler`` (coalesced per loop turn);
+the consumer is one ``basic.consume`` on a robust channel of its own, renewed
+when the channel reopens or the broker cancels it. A consumer belongs to its
+transport and reads the transport's connection state directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING, Any, cast
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractRobustChannel
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+from banyan_bus.errors import SettleError
+from banyan_bus.transport.amqp_settle import ChannelSettler
+from banyan_bus.transport.base import Consumer, Delivery, DeliveryCallback, Headers
+
+if TYPE_CHECKING:
+    from banyan_bus.transport.amqp import AmqpTransport
+
+log = structlog.get_logger("banyan_bus.transport.amqp")
+
+
+class AmqpDelivery(Delivery):
+    """A delivery read straight from aiormq (no aio-pika message object, no extra task).
+
+    Settling goes through the channel's ``ChannelSettler``: it returns at once,
+    and the frame goes out, coalesced with the others of this loop turn, right
+    after. Without a settler (direct reply-to, no-ack) the message is settled
+    on arrival.
+    """
+
+    __slots__ = ("_channel", "_settled", "_settler", "_tag")
+
+    def __init__(self, message: DeliveredMessage, settler: ChannelSettler | None) -> None:
+        props = message.header.properties
+        frame = message.delivery
+        super().__init__(
+            body=message.body,
+            headers=cast(Headers, props.headers or {}),
+            message_id=props.message_id,
+            correlation_id=props.correlation_id,
+            message_type=props.message_type,
+            timestamp=props.timestamp,
+            priority=props.priority,
+            content_type=props.content_type,
+            reply_to=props.reply_to,
+            redelivered=bool(getattr(frame, "redelivered", False)),
+            exchange=getattr(frame, "exchange", None) or "",
+            routing_key=getattr(frame, "routing_key", None) or "",
+        )
+        self._channel = message.channel
+        self._settler = settler
+        self._tag: int = getattr(frame, "delivery_tag", None) or 0
+        self._settled = settler is None
+        if settler is not None:
+            settler.delivered(self._tag)
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    @property
+    def stale(self) -> bool:
+        return bool(self._channel.is_closed)
+
+    def _settle(self, action: str) -> ChannelSettler:
+        if self._settled:
+            raise RuntimeError(f"cannot {action} message {self.message_id!r}: already settled")
+        self._settled = True
+        settler = self._settler
+        assert settler is not None  # a delivery without one is settled from the start
+        if settler.closed:
+            # The broker has already returned the message to its queue and will
+            # redeliver it. Nothing is lost, so this is not fatal.
+            raise SettleError(
+                f"cannot {action} message {self.message_id!r}: its channel is closed "
+                f"(the message will be redelivered)"
+            )
+        return settler
+
+    async def ack(self) -> None:
+        self._settle("ack").ack(self._tag)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        self._settle("nack").nack(self._tag, requeue=requeue)
+
+    async def reject(self) -> None:
+        self._settle("reject").reject(self._tag)
+
+
+class AmqpConsumer(Consumer):
+    """One basic.consume, on a robust channel of its own, renewed whenever it reopens.
+
+    Deliveries go from aiormq's per-delivery task straight to the callback
+    (aio-pika's consumer wrapper would build a message object and start a
+    second task per delivery). With ``no_ack`` (direct reply-to) the broker
+    settles on arrival, so deliveries get no settler.
+    """
+
+    def __init__(
+        self,
+        queue: str,
+        callback: DeliveryCallback,
+        channel: AbstractRobustChannel,
+        transport: AmqpTransport,
+        *,
+        no_ack: bool = False,
+    ) -> None:
+        self._queue = queue
+        self._no_ack = no_ack
+        self._callback = callback
+        self._channel = channel
+        self._transport = transport
+        self._tag = f"banyan.{queue}.{os.urandom(8).hex()}"
+        self._cancelled = False
+        self._underlay: aiormq.abc.AbstractChannel | None = None
+        self._settler: ChannelSettler | None = None
+        self._taking = False  # basic.consume answered, and the broker has not cancelled it
+
+    async def start(self) -> None:
+        await self._consume()
+        self._channel.reopen_callbacks.add(self._reopened)
+
+    async def _consume(self) -> None:
+        underlay = await self._channel.get_underlay_channel()
+        settler = None if self._no_ack else ChannelSettler(underlay)
+        callback = self._callback
+
+        async def on_message(message: DeliveredMessage) -> None:
+            await callback(AmqpDelivery(message, settler))
+
+        underlay.on_consumer_cancel_callbacks.add(self._broker_cancelled)
+        self._underlay, self._settler = underlay, settler
+        await underlay.basic_consume(
+            self._queue, on_message, consumer_tag=self._tag, no_ack=self._no_ack
+        )
+        self._taking = True
+
+    @property
+    def queue(self) -> str:
+        return self._queue
+
+    @property
+    def active(self) -> bool:
+        """Taking deliveries now: not cancelled (by us or the broker), its channel open."""
+        underlay = self._underlay
+        return (
+            self._taking and not self._cancelled and underlay is not None and not underlay.is_closed
+        )
+
+    async def _reopened(self, *_: Any) -> None:
+        if not self._cancelled:
+            await self._consume()
+
+    def _broker_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        """The broker ended our consumer (its queue was deleted, or it moved): start again
+        once the queue is there, as aio-pika's robust queues do."""
+        if frame.consumer_tag != self._tag or self._cancelled:
+            return
+        self._taking = False
+        log.warning("consumer_cancelled_by_broker", queue=self._queue)
+        self._transport._spawn(self._resume())
+
+    async def _resume(self) -> None:
+        while not self._cancelled and self._transport._connection is not None:
+            await asyncio.sleep(self._transport._reconnect_interval)
+            if self._cancelled or await self._transport.queue_state(self._queue) is None:
+                continue
+            try:
+                await self._consume()
+            except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError):
+                continue
+            return
+
+    async def drain(self) -> None:
+        if self._settler is not None:
+            await self._settler.drain()
+
+    async def cancel(self) -> None:
+        self._cancelled = True
+        self._channel.reopen_callbacks.discard(self._reopened)
+        underlay = self._underlay
+        if self._transport._connection is None or underlay is None or underlay.is_closed:
+            return  # the connection is gone: the broker has cancelled it already
+        try:
+            async with asyncio.timeout(10):
+                await underlay.basic_cancel(self._tag)
+        except (
+            TimeoutError,
+            aiormq.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+        ):
+            pass
