@@ -7,8 +7,11 @@ reads and replays them, and neither knows the other.
 
 Two headers outlive one delivery and travel with a message's retries:
 ``x-banyan-first-failure`` (when its first attempt failed) and
-``x-banyan-handled`` (the handlers that already succeeded, so that a retry or a
-replay runs only the one that failed and those after it).
+``x-banyan-handled`` (the handlers that already succeeded, so that a retry
+runs only the one that failed and those after it). A header is only as
+trustworthy as its sender, and any publisher can write ``x-banyan-handled``:
+:func:`handled_before` says when the bus honours it (only on its own retry
+route), and a replay drops it unless the operator asks to keep it.
 
 **Copies, not moves.** AMQP cannot move a message: a retry, a dead-letter
 record and a replay are each a new publish of the original (:func:`republish`),
@@ -33,11 +36,12 @@ from __future__ import annotations
 import hashlib
 import json
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
+from banyan_bus.delay import DELAY_BITS_PATTERN, DELIVERY_EXCHANGE
 from banyan_bus.envelope import HEADER_ATTEMPT, HEADER_VERSION, format_timestamp
 from banyan_bus.transport.base import (
     DEFAULT_EXCHANGE,
@@ -96,6 +100,68 @@ def strip_death_headers(headers: Headers) -> None:
         headers.pop(name, None)
 
 
+def set_handled(headers: Headers, handled: Sequence[str]) -> None:
+    """Write the handlers that succeeded into ``headers``, or remove the header.
+
+    Removing matters: a header that arrived forged (and so was not honoured,
+    see :func:`handled_before`) must not ride a retry back in through the
+    route where it would be.
+    """
+    if handled:
+        headers[HEADER_HANDLED] = list[HeaderValue](handled)
+    else:
+        headers.pop(HEADER_HANDLED, None)
+
+
+_BITS_LEN = len(DELAY_BITS_PATTERN)
+
+
+def handled_before(delivery: Delivery, destination: str) -> tuple[list[str], bool]:
+    """The handlers a delivery says already succeeded, and whether that is believed.
+
+    Returns ``(names, trusted)``: ``names`` as the header lists them (empty
+    when there is no header), ``trusted`` whether the consumer may skip them.
+
+    The header is believed only on a message that reached the group through
+    the bus's own retry route: dead-lettered out of the delay levels into the
+    delay delivery exchange (``banyan.delay.delivery``) with a routing key
+    whose destination is this group's exchange (``destination``) - which is
+    how ``consume.py`` sends a retry, and the one place it writes the header.
+    A message published to the root exchange (every event), straight to the
+    group's exchange (a replay), or as a delayed publish (``after=``, whose
+    destination is the root exchange) arrives with another exchange or
+    destination, so a header it carries is ignored and every handler runs.
+    The exchange and routing key of a delivery are set by the broker, not by
+    the message's headers, so a publisher cannot fake them from the root
+    exchange.
+
+    Why not an HMAC over the id and the names: the secret would have to be
+    shared by every instance of the group (a retry is consumed by whichever
+    instance is free), i.e. configured and distributed, and a per-process
+    secret would turn every cross-instance retry into a re-run. Why not
+    ``x-attempt > 1`` as well: the publisher writes ``x-attempt`` too, and a
+    retry that waits for another worker's idempotency claim keeps attempt 1.
+
+    The boundary, said plainly: a client allowed to publish to the
+    ``banyan.delay.*`` exchanges (which ``after=`` needs) can still write a
+    message that takes this route. Give publishers you do not trust write
+    permission on ``exchange.platform.events`` only. Ignoring a header can
+    only cost a duplicate run (at-least-once already allows it); believing a
+    forged one would drop the message, which is why the rule errs this way.
+    """
+    raw = delivery.headers.get(HEADER_HANDLED)
+    if raw is None:
+        return [], True
+    names = [str(n) for n in raw] if isinstance(raw, list) else [str(raw)]
+    routing_key = delivery.routing_key
+    trusted = (
+        delivery.exchange == DELIVERY_EXCHANGE
+        and routing_key[_BITS_LEN:] == destination
+        and routing_key[_BITS_LEN - 1 : _BITS_LEN] == "."
+    )
+    return names, trusted
+
+
 class Original(Protocol):
     """What a copy is made from: a delivery, or a record read from a DLQ."""
 
@@ -151,12 +217,24 @@ def _writable(value: HeaderValue) -> HeaderValue:
 
 
 def record_headers(
-    delivery: Delivery, reason: str, *, exc: BaseException, handler: str, group: str, attempt: int
+    delivery: Delivery,
+    reason: str,
+    *,
+    exc: BaseException,
+    handler: str,
+    group: str,
+    attempt: int,
+    handled: Sequence[str] = (),
 ) -> Headers:
-    """The delivery's headers with the failure written in, death headers dropped."""
+    """The delivery's headers with the failure written in, death headers dropped.
+
+    ``handled``: the handlers that succeeded for this message (what the
+    consumer believed, not what the delivery claimed).
+    """
     now = format_timestamp(datetime.now(UTC))
     headers: Headers = dict(delivery.headers)
     strip_death_headers(headers)
+    set_handled(headers, handled)
     headers.update(
         {
             DLQ_REASON: reason,
@@ -185,6 +263,7 @@ async def write_record(
     handler: str,
     group: str,
     attempt: int,
+    handled: Sequence[str] = (),
 ) -> None:
     """Publish ``delivery``'s record to the DLQ named ``queue``, confirmed.
 
@@ -192,7 +271,7 @@ async def write_record(
     the original and decides what becomes of it.
     """
     headers = record_headers(
-        delivery, reason, exc=exc, handler=handler, group=group, attempt=attempt
+        delivery, reason, exc=exc, handler=handler, group=group, attempt=attempt, handled=handled
     )
     await transport.publish(
         DEFAULT_EXCHANGE, queue, republish(delivery, headers), confirm=True, mandatory=True
@@ -368,19 +447,30 @@ class DeadLetter:
             content_type=delivery.content_type,
         )
 
-    def replay_message(self) -> OutgoingMessage:
+    @property
+    def handled(self) -> list[str]:
+        """The handlers the record says had succeeded (``x-banyan-handled``), if any."""
+        raw = self.headers.get(HEADER_HANDLED)
+        if raw is None:
+            return []
+        return [str(n) for n in raw] if isinstance(raw, list) else [str(raw)]
+
+    def replay_message(self, *, keep_progress: bool = False) -> OutgoingMessage:
         """The message as it was first published: same id, body and properties.
 
         Dropped: our failure record (``x-banyan-*``), the attempt counter (the
         replay is attempt 1, with the policy's full set of retries), and the
         broker's dead-letter bookkeeping (``x-death``, ``x-delivery-count``...).
-        Kept: ``x-banyan-handled``, which names the handlers that already
-        succeeded, so a replay - like a retry - does not run them again.
+        ``x-banyan-handled`` (the handlers that had succeeded) is dropped too,
+        so a replay runs every handler, unless ``keep_progress``: then it is
+        kept, and the caller must send the message through the group's retry
+        route for the group to believe it (``deadletter.handled_before``).
         """
         headers: Headers = {
             key: value
             for key, value in self.headers.items()
-            if key == HEADER_HANDLED or not (key.startswith("x-banyan-") or key == HEADER_ATTEMPT)
+            if (keep_progress and key == HEADER_HANDLED)
+            or not (key.startswith("x-banyan-") or key == HEADER_ATTEMPT)
         }
         strip_death_headers(headers)
         return republish(self, headers)

@@ -49,7 +49,10 @@ import structlog
 from banyan_bus import topology
 from banyan_bus.contracts import Message, routing_key_for
 from banyan_bus.deadletter import BROKER_REASONS, DeadLetter
+from banyan_bus.declarations import apply
+from banyan_bus.delay import delay_route
 from banyan_bus.errors import BanyanError, TopologyError
+from banyan_bus.topology import delay_plan, retry_route_plan
 from banyan_bus.transport.base import Delivery, Transport
 
 __all__ = [
@@ -139,6 +142,8 @@ class DeadLetterQueue:
         self,
         ids: Iterable[str] | None = None,
         where: Callable[[DeadLetter], bool] | None = None,
+        *,
+        keep_progress: bool = False,
     ) -> ReplayResult:
         """Send messages back to the group: those in ``ids``, those ``where`` accepts, or all.
 
@@ -146,10 +151,17 @@ class DeadLetterQueue:
         and properties, attempts reset (see :meth:`DeadLetter.replay_message`),
         confirmed, and only then removed from the DLQ. One that cannot be
         published stays in the DLQ and is reported in ``failed``.
+
+        Every handler of the group runs again: the record's ``x-banyan-handled``
+        is dropped. ``keep_progress=True`` keeps it, so handlers that had
+        succeeded are skipped; such a message goes through the group's retry
+        route (the delay levels, 1 s) because that is the only route on which
+        the consumer believes the header (``deadletter.handled_before``).
         """
         wanted = None if ids is None else set(ids)
         target = self.target_exchange
         routing_key = routing_key_for(self.message_type)
+        progress_route = delay_route(1000, target) if keep_progress else None
         # Publishing to a missing exchange makes RabbitMQ close the publishing
         # channel, which every publisher of this connection shares: check first.
         blocked = None
@@ -158,6 +170,8 @@ class DeadLetterQueue:
                 f"exchange {target!r} does not exist (was the subscription removed?); "
                 f"the message stays in {self.name!r}"
             )
+        elif keep_progress:
+            await apply(self.transport, [*delay_plan(), *retry_route_plan(target)])
         replayed: builtins.list[str] = []
         failed: dict[str, str] = {}
         held, ready = await self._take(None)
@@ -169,9 +183,19 @@ class DeadLetterQueue:
                     failed[dead.ref] = blocked
                     continue
                 try:
-                    await self.transport.publish(
-                        target, routing_key, dead.replay_message(), confirm=True, mandatory=True
-                    )
+                    message = dead.replay_message(keep_progress=keep_progress)
+                    if progress_route is not None and dead.handled:
+                        await self.transport.publish(
+                            progress_route.exchange,
+                            progress_route.routing_key,
+                            message,
+                            confirm=True,
+                            mandatory=True,
+                        )
+                    else:
+                        await self.transport.publish(
+                            target, routing_key, message, confirm=True, mandatory=True
+                        )
                 except (BanyanError, TypeError, ValueError, OverflowError) as exc:
                     # TypeError/ValueError/OverflowError: headers the AMQP client cannot
                     # encode (a non-UTF-8 string, a double beyond float32), which the

@@ -272,6 +272,14 @@ def dlq_replay(
         list[str] | None, typer.Option("--id", help="Replay this message (repeatable).")
     ] = None,
     everything: Annotated[bool, typer.Option("--all", help="Replay every message.")] = False,
+    keep_progress: Annotated[
+        bool,
+        typer.Option(
+            "--keep-progress",
+            help="Skip the handlers the record says had succeeded (x-banyan-handled); "
+            "by default every handler runs again.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
 ) -> None:
@@ -283,7 +291,9 @@ def dlq_replay(
         pairs = _only_one(bus, _dlq_targets(bus, group, message_type))
         chosen = _choose_ids(ids, everything, "replay")
         [(dlq, result)] = run_async(
-            lambda _loop: _with_dlqs(bus, pairs, lambda q: q.replay(ids=chosen))
+            lambda _loop: _with_dlqs(
+                bus, pairs, lambda q: q.replay(ids=chosen, keep_progress=keep_progress)
+            )
         )
         if as_json:
             data = {"replayed": result.replayed, "failed": result.failed, "missing": result.missing}

@@ -261,9 +261,11 @@ def test_replay_message_is_the_original_with_the_failure_record_removed() -> Non
         "x-version": 1,
         "traceparent": headers["traceparent"],
         "x-partition-key": "usr_1",
-        "x-banyan-handled": ["email.handlers.audit"],  # succeeded handlers do not run again
         "x-custom": "kept",
-    }
+    }  # x-banyan-handled dropped: a replay runs every handler (issue 16 §3)
+    kept = dead.replay_message(keep_progress=True)
+    assert kept.headers == {**message.headers, "x-banyan-handled": ["email.handlers.audit"]}
+    assert dead.handled == ["email.handlers.audit"]
 
 
 def test_replay_message_of_an_envelope_without_amqp_id_carries_the_envelope_id() -> None:
