@@ -12,6 +12,11 @@
 # 3. Otherwise run `python3 -m pytest "$@"` and exit with its code -- except that pytest's
 #    exit code 5 ("no tests collected") is reported as a failure (exit 1).
 #
+# Before pytest, `node` and `npm` (the interop tests in tests/interop run a Node.js service
+# and npm-install its packages) are checked; when missing they are installed with
+# `apt-get install -y nodejs npm` (as root). If that is impossible the run goes on with a
+# warning: the interop tests then fail, saying why.
+#
 # Environment:
 #   BANYAN_TEST_AMQP_URL   use this broker as is (services.sh does not manage RabbitMQ then;
 #                          set BANYAN_TEST_MANAGEMENT_URL too if it is not on 127.0.0.1:15672)
@@ -76,6 +81,20 @@ if ((services_rc != 0)); then
             exit 1
         fi
     done
+fi
+
+# -- Node.js for tests/interop ------------------------------------------------------------
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+        say "node/npm missing: apt-get install -y nodejs npm"
+        { apt-get -o DPkg::Lock::Timeout=120 update \
+            && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 \
+                install -y nodejs npm; } >&2 || say "apt-get install nodejs npm failed"
+    fi
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        say "warning: node/npm not found and not installable here (apt-get as root);" \
+            "the interop tests in tests/interop will fail"
+    fi
 fi
 
 # -- 2./3. pytest ------------------------------------------------------------------------
