@@ -33,6 +33,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import pydantic_core
@@ -295,7 +296,11 @@ def _decode(delivery: Delivery, registry: ContractRegistry) -> Envelope:
         contract = registry.get(message_type, version)
         if contract is not None:
             try:
-                model = _typed_model(contract).model_validate_json(delivery.body)
+                if has_decimals(contract):
+                    exact = json.loads(delivery.body, parse_float=Decimal)
+                    model = _typed_model(contract).model_validate(exact)
+                else:
+                    model = _typed_model(contract).model_validate_json(delivery.body)
             except Exception:  # the slow path says exactly what is wrong
                 pass
             else:
@@ -336,7 +341,7 @@ def _decode_slow(delivery: Delivery, registry: ContractRegistry) -> Envelope:
             raise DecodeError(
                 "undecodable", f"body is not a valid envelope: {exc}", cause=exc
             ) from exc
-        return _typed(delivery, registry, raw, raw.payload)
+        return _typed(delivery, registry, raw, raw.payload, enveloped=True)
     # A foreign publisher: AMQP properties carry the metadata, the body is the payload.
     if not delivery.message_type:
         raise DecodeError(
@@ -351,11 +356,47 @@ def _decode_slow(delivery: Delivery, registry: ContractRegistry) -> Envelope:
         version=_header_int(delivery.headers, HEADER_VERSION) or 1,
         payload=data,
     )
-    return _typed(delivery, registry, raw, data)
+    return _typed(delivery, registry, raw, data, enveloped=False)
+
+
+def has_decimals(contract: type[Message]) -> bool:
+    """Whether ``contract`` has a Decimal anywhere (nested models and containers too).
+
+    pydantic reads a JSON number through a float, which keeps about 17 digits; a
+    contract with decimals is read with Python's parser and ``parse_float=Decimal``
+    instead, so ``12345678901234567.89`` arrives with every digit it was sent with.
+    Worked out once per contract.
+    """
+    found = _decimal_contracts.get(contract)
+    if found is None:
+        found = _mentions_decimal(contract.__pydantic_core_schema__)
+        _decimal_contracts[contract] = found
+    return found
+
+
+_decimal_contracts: dict[type[Message], bool] = {}
+
+
+def _mentions_decimal(schema: Any) -> bool:
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "decimal":
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return False
 
 
 def _typed(
-    delivery: Delivery, registry: ContractRegistry, raw: _RawEnvelope, payload: Any
+    delivery: Delivery,
+    registry: ContractRegistry,
+    raw: _RawEnvelope,
+    payload: Any,
+    *,
+    enveloped: bool,
 ) -> Envelope:
     versions = registry.versions(raw.message_type)
     if not versions:
@@ -374,6 +415,9 @@ def _typed(
             message_type=raw.message_type,
             version=raw.version,
         )
+    if has_decimals(contract):  # the body parsed once more, decimals exact (see has_decimals)
+        exact = json.loads(delivery.body, parse_float=Decimal)
+        payload = exact["payload"] if enveloped else exact
     try:
         model = contract.model_validate(payload)
     except ValidationError as exc:
