@@ -21,7 +21,7 @@ import structlog
 from dishka import Provider
 from opentelemetry.trace import SpanKind
 
-from banyan_bus.consume import SubscriptionConsumer
+from banyan_bus.consume import OrderedStreamConsumer, SubscriptionConsumer
 from banyan_bus.context import MessageContext, current_context
 from banyan_bus.contracts import (
     Command,
@@ -60,6 +60,7 @@ from banyan_bus.subscription import (
     Subscription,
     SubscriptionOptions,
     event_type_of,
+    ordered_stream,
 )
 from banyan_bus.telemetry import (
     BODY_SIZE,
@@ -81,6 +82,7 @@ from banyan_bus.topology import (
     delay_plan,
     delayed_publish_destination,
     group_plan,
+    ordered_plan,
     retry_route_plan,
     root_plan,
 )
@@ -171,7 +173,7 @@ class MessageBus:
         self.pinned_contracts = pinned_versions(publish_versions or {}, self.contracts)
         self._transport: Transport | None = None
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
-        self._consumers: list[SubscriptionConsumer] = []
+        self._consumers: list[SubscriptionConsumer | OrderedStreamConsumer] = []
         self._delays_declared = False
         self._delay_lock = asyncio.Lock()
         self._injector = Injector(providers, {MessageBus: self})
@@ -270,7 +272,7 @@ class MessageBus:
             return
         self._state = "draining"
         grace = self.grace_period if grace_period is None else grace_period
-        consumers: list[SubscriptionConsumer | CommandConsumer] = [
+        consumers: list[SubscriptionConsumer | OrderedStreamConsumer | CommandConsumer] = [
             *self._consumers,
             *self._command_consumers,
         ]
@@ -454,6 +456,8 @@ class MessageBus:
                 idempotency_store=self.idempotency_store,
                 idempotency_ttl=self.idempotency_ttl,
             )
+            if sub.ordered:  # the group's ordered subscriptions share one stream: must agree
+                ordered_stream([*self._subscriptions.values(), sub], group)
             self._subscriptions[(group, message_type)] = sub
             return sub
         if any(h.name == spec.name for h in sub.handlers):
@@ -478,12 +482,11 @@ class MessageBus:
         return not sub.ordered and (bool(sub.retry.delayed) or sub.dedup is not None)
 
     def _subscription_plan(self, sub: Subscription) -> list[Declaration]:
-        plan = group_plan(
-            sub.group,
-            sub.message_type,
-            sub.queue,
-            partitions=sub.partitions if sub.ordered else None,
-        )
+        if sub.ordered:  # the group's whole ordered stream, this type's part included
+            stream = ordered_stream(self._subscriptions.values(), sub.group)
+            types = [s.message_type for s in stream]
+            return ordered_plan(sub.group, types, sub.queue, partitions=sub.partitions)
+        plan = group_plan(sub.group, sub.message_type, sub.queue)
         if self._uses_delays(sub):
             plan += retry_route_plan(sub.queue_name)
         return plan
@@ -497,14 +500,40 @@ class MessageBus:
         subs = list(self._subscriptions.values())
         if any(self._uses_delays(sub) for sub in subs):
             plan += delay_plan()
+        streams: set[str] = set()  # one plan per ordered stream, not one per type
         for sub in subs:
+            if sub.ordered:
+                if sub.group in streams:
+                    continue
+                streams.add(sub.group)
             plan += self._subscription_plan(sub)
         for message_type in self._commands:
             plan += command_plan(message_type)
         return plan
 
     async def _start_consumer(self, sub: Subscription) -> None:
-        consumer = SubscriptionConsumer(
+        if sub.ordered:
+            await self._start_stream(sub.group)
+            return
+        consumer = self._engine(sub)
+        await consumer.start()
+        self._consumers.append(consumer)
+
+    async def _start_stream(self, group: str) -> None:
+        """One consumer per ordered stream; a type subscribed later joins the running one."""
+        if any(isinstance(c, OrderedStreamConsumer) and c.group == group for c in self._consumers):
+            return
+        stream = OrderedStreamConsumer(
+            group,
+            transport=self.transport,
+            subscriptions=lambda: ordered_stream(self._subscriptions.values(), group),
+            engine=self._engine,
+        )
+        await stream.start()
+        self._consumers.append(stream)
+
+    def _engine(self, sub: Subscription) -> SubscriptionConsumer:
+        return SubscriptionConsumer(
             sub,
             transport=self.transport,
             registry=self.contracts,
@@ -513,8 +542,6 @@ class MessageBus:
             service=self.service,
             max_message_size=self.max_message_size,
         )
-        await consumer.start()
-        self._consumers.append(consumer)
 
     async def _ensure_delays(self) -> None:
         """Declare the delay levels once per connection (idempotent on the broker)."""

@@ -23,7 +23,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ from banyan_bus.topology import (
     check_group_name,
     dead_letter_queue,
     group_exchange,
-    partition_queue,
+    ordered_queue,
 )
 
 if TYPE_CHECKING:  # handlers.py builds SubscriptionOptions; this is only a type
@@ -318,11 +318,34 @@ class Subscription:
 
     @property
     def queue_names(self) -> list[str]:
-        """Every queue this subscription consumes: one, or one per partition."""
+        """Every queue this subscription consumes: its own, or (ordered) its group's
+        ordered stream's partition queues, which it shares with the group's other
+        ordered subscriptions (``topology.ordered_plan``)."""
         if self.ordered:
-            return [partition_queue(self.queue_name, i) for i in range(self.partitions)]
+            return [ordered_queue(self.group, i) for i in range(self.partitions)]
         return [self.queue_name]
 
     @property
     def dlq_name(self) -> str:
         return dead_letter_queue(self.group, self.message_type)
+
+
+def ordered_stream(subscriptions: Iterable[Subscription], group: str) -> list[Subscription]:
+    """``group``'s ordered subscriptions, which share one ordered stream (its partition
+    queues), so they must agree on ``partitions``, ``queue_type`` and ``max_length``.
+
+    Raises ``ConfigurationError`` naming both subscriptions and what differs.
+    """
+    ordered = [s for s in subscriptions if s.ordered and s.group == group]
+    for other in ordered[1:]:
+        first = ordered[0]
+        if (other.partitions, other.queue) != (first.partitions, first.queue):
+            raise ConfigurationError(
+                f"group {group!r}'s ordered subscriptions share one ordered stream (one set of "
+                f"partition queues, so a key's events of all types keep their order), so they "
+                f"must agree: {first.message_type} has partitions={first.partitions}, "
+                f"{first.queue}; {other.message_type} has partitions={other.partitions}, "
+                f"{other.queue}. Give every ordered subscription of the group the same "
+                f"partitions= (default 4), queue_type= and max_length=."
+            )
+    return ordered

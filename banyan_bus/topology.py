@@ -19,11 +19,34 @@ Delayed messages leave the delay levels (``delay.py``) through
   where each group exchange is bound a second time with
   ``<28 bits>.exchange.platform.events.{event}``. Group names hold no dots, so neither
   pattern can match the other's keys.
+
+Ordered subscriptions (``ordered=True``) of one group share ONE ordered stream,
+whatever their event types, so that one partition key's events of all types
+are handled in publish order (DESIGN.md §8)::
+
+    exchange.platform.events.{group}.orderplaced   x-consistent-hash, one binding (weight 1)
+    exchange.platform.events.{group}.ordershipped  x-consistent-hash, one binding (weight 1)
+      └─▶ exchange.platform.events.{group}.ordered-stream   x-consistent-hash on x-partition-key
+            └─▶ ….ordered-stream.p0 … p{N-1}          single-active-consumer queues
+                  └─ x-dead-letter ─▶ ….ordered-stream.dlx   topic, "#.{event}" per type
+                        └─▶ dlq.exchange.platform.events.{group}.{event}   (per type, as ever)
+
+Each type keeps its own group exchange (still the target of retries, delayed
+publishes and DLQ replays, and still ``x-consistent-hash`` as before, so an
+existing deployment re-declares it unchanged); it is bound to the stream
+instead of to per-type partition queues. Every route into the stream keeps a
+routing key whose last word is the event's (``orderplaced``,
+``<bits>.exchange.platform.events.orderplaced``,
+``<bits>.exchange.platform.events.{group}.orderplaced``), which is how the
+consumer picks the type's handlers and how the broker's own dead-lettering
+still reaches the type's DLQ. ``-`` never occurs in an event's routing key, so
+``ordered-stream`` cannot be a type's name.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from banyan_bus.contracts import routing_key_for
@@ -66,6 +89,10 @@ __all__ = [  # the declaration vocabulary is re-exported: plans and their record
     "delayed_publish_destination",
     "group_exchange",
     "group_plan",
+    "ordered_dead_letter_exchange",
+    "ordered_exchange",
+    "ordered_plan",
+    "ordered_queue",
     "partition_queue",
     "queue_arguments",
     "retry_route_plan",
@@ -112,6 +139,21 @@ DELAYED_PUBLISH_PATTERN = f"{DELAY_BITS_PATTERN}{ROOT_EXCHANGE}.*"
 def partition_queue(group_exchange_name: str, index: int) -> str:
     """``exchange.platform.events.{group}.{event}.p{index}``: one queue per partition."""
     return f"{group_exchange_name}.p{index}"
+
+
+def ordered_exchange(group: str) -> str:
+    """``exchange.platform.events.{group}.ordered-stream``: the group's ordered stream."""
+    return f"{ROOT_EXCHANGE}.{group}.ordered-stream"
+
+
+def ordered_queue(group: str, index: int) -> str:
+    """``exchange.platform.events.{group}.ordered-stream.p{index}``: one per partition."""
+    return partition_queue(ordered_exchange(group), index)
+
+
+def ordered_dead_letter_exchange(group: str) -> str:
+    """Where the stream's queues dead-letter broker-side: routes on to each type's DLQ."""
+    return f"{ordered_exchange(group)}.dlx"
 
 
 #: The header the consistent-hash exchange of an ordered group hashes on.
@@ -184,34 +226,64 @@ def root_plan() -> list[Declaration]:
     return [ExchangeDecl(ROOT_EXCHANGE, "topic"), ExchangeDecl(COMMANDS_EXCHANGE, "direct")]
 
 
-def group_plan(
-    group: str, message_type: str, options: QueueOptions, *, partitions: int | None = None
-) -> list[Declaration]:
-    """What one group's subscription declares, in order: DLQ, exchange, queue(s), bindings.
-
-    Ordered (``partitions`` given): the group's exchange is an ``x-consistent-hash``
-    exchange hashing ``x-partition-key`` over that many queues, each with a single
-    active consumer, so one key always lands on one queue read by one consumer.
-    """
+def group_plan(group: str, message_type: str, options: QueueOptions) -> list[Declaration]:
+    """What one group's (unordered) subscription declares, in order: DLQ, exchange,
+    queue, bindings. Ordered subscriptions declare ``ordered_plan`` instead."""
     name = group_exchange(group, message_type)
     dlq = dead_letter_queue(group, message_type)
-    plan: list[Declaration] = [QueueDecl(dlq, dlq_arguments(options))]
-    if partitions is None:
-        plan += [
-            ExchangeDecl(name, "fanout"),
-            QueueDecl(name, queue_arguments(options, dlq)),
-            BindingDecl(name, name, "queue"),
-        ]
-    else:
-        plan.append(ExchangeDecl(name, "x-consistent-hash", {"hash-header": PARTITION_HEADER}))
-        for index in range(partitions):
-            queue = partition_queue(name, index)
-            arguments = queue_arguments(options, dlq)
-            arguments["x-single-active-consumer"] = True
-            plan += [QueueDecl(queue, arguments), BindingDecl(name, queue, "queue", "1")]
+    return [
+        QueueDecl(dlq, dlq_arguments(options)),
+        ExchangeDecl(name, "fanout"),
+        QueueDecl(name, queue_arguments(options, dlq)),
+        BindingDecl(name, name, "queue"),
+        *_root_bindings(name, message_type),
+    ]
+
+
+def _root_bindings(name: str, message_type: str) -> list[Declaration]:
     delayed_key = DELAY_BITS_PATTERN + delayed_publish_destination(message_type)
-    plan.append(BindingDecl(ROOT_EXCHANGE, name, "exchange", routing_key_for(message_type)))
-    plan.append(BindingDecl(ROOT_EXCHANGE, name, "exchange", delayed_key))
+    return [
+        BindingDecl(ROOT_EXCHANGE, name, "exchange", routing_key_for(message_type)),
+        BindingDecl(ROOT_EXCHANGE, name, "exchange", delayed_key),
+    ]
+
+
+def ordered_plan(
+    group: str, message_types: Sequence[str], options: QueueOptions, *, partitions: int
+) -> list[Declaration]:
+    """What a group's ordered subscriptions declare together: one ordered stream.
+
+    The stream is an ``x-consistent-hash`` exchange hashing ``x-partition-key``
+    over ``partitions`` queues, each with a single active consumer, so one key
+    always lands on one queue read by one consumer, whatever the event's type.
+    Each type's group exchange feeds it (see the module docstring). The queues
+    dead-letter broker-side through a topic exchange that sends each message to
+    its own type's DLQ (a queue has one dead-letter target, the stream many types).
+    """
+    stream = ordered_exchange(group)
+    dlx = ordered_dead_letter_exchange(group)
+    plan: list[Declaration] = [ExchangeDecl(dlx, "topic")]
+    for message_type in message_types:
+        dlq = dead_letter_queue(group, message_type)
+        plan += [
+            QueueDecl(dlq, dlq_arguments(options)),
+            BindingDecl(dlx, dlq, "queue", f"#.{routing_key_for(message_type)}"),
+        ]
+    plan.append(ExchangeDecl(stream, "x-consistent-hash", {"hash-header": PARTITION_HEADER}))
+    for index in range(partitions):
+        queue = ordered_queue(group, index)
+        arguments = queue_arguments(options, "")
+        arguments["x-dead-letter-exchange"] = dlx
+        del arguments["x-dead-letter-routing-key"]  # keep the message's own key
+        arguments["x-single-active-consumer"] = True
+        plan += [QueueDecl(queue, arguments), BindingDecl(stream, queue, "queue", "1")]
+    for message_type in message_types:
+        name = group_exchange(group, message_type)
+        plan += [
+            ExchangeDecl(name, "x-consistent-hash", {"hash-header": PARTITION_HEADER}),
+            BindingDecl(name, stream, "exchange", "1"),
+            *_root_bindings(name, message_type),
+        ]
     return plan
 
 
