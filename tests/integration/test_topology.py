@@ -64,13 +64,21 @@ async def test_names_and_arguments_match_the_design(amqp_url: str) -> None:
     assert classic["x-queue-type"] == "classic"
     assert classic["x-max-priority"] == 3
 
+    # Ordered: the type's exchange feeds the group's one ordered stream (all its types).
     ordered = f"{root}.fleet.lanternlit"
+    stream = f"{root}.fleet.ordered-stream"
     assert exchanges[ordered]["type"] == "x-consistent-hash"
-    assert exchanges[ordered]["arguments"] == {"hash-header": "x-partition-key"}
+    assert (ordered, stream, "exchange", "1") in bindings
+    assert exchanges[stream]["type"] == "x-consistent-hash"
+    assert exchanges[stream]["arguments"] == {"hash-header": "x-partition-key"}
+    assert exchanges[f"{stream}.dlx"]["type"] == "topic"
+    assert (f"{stream}.dlx", f"dlq.{ordered}", "queue", "#.lanternlit") in bindings
     for index in range(2):
-        partition = queues[f"{ordered}.p{index}"]
+        partition = queues[f"{stream}.p{index}"]
         assert partition["arguments"]["x-single-active-consumer"] is True
-        assert (ordered, f"{ordered}.p{index}", "queue", "1") in bindings
+        assert partition["arguments"]["x-dead-letter-exchange"] == f"{stream}.dlx"
+        assert (stream, f"{stream}.p{index}", "queue", "1") in bindings
+    assert f"{ordered}.p0" not in queues
 
     # The delay levels: 28 quorum queues, level n holding 2^n s, dead-lettering down.
     for level in (0, 5, 27):
