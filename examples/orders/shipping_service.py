@@ -8,7 +8,10 @@ for an operator to look at.
 
 Both subscriptions are ordered by order id (the contracts' partition key): a
 retry waits in place, holding its order's key, so a later event of the same
-order cannot overtake it, while other orders go on.
+order cannot overtake it, while other orders go on. ``RecordPayment`` is in a
+group of its own on purpose: a group's ordered subscriptions share one stream
+(one key's events of all types in publish order), so in one group the
+payment would queue behind the ``OrderPlaced`` that is waiting for it.
 
 The paid-orders ledger is in memory here; with several instances it must be
 shared (a database table), or an instance might wait for a payment that
@@ -49,7 +52,11 @@ class ShippingProvider(Provider):
     ledger = provide(PaidOrders, scope=Scope.APP)
 
 
-@EventHandler(PaymentProcessed, ordered=True)
+#: Not SERVICE: an ordered group of its own, so the payment never waits behind ShipOrder.
+PAYMENTS_GROUP = f"{SERVICE}-payments"
+
+
+@EventHandler(PaymentProcessed, ordered=True, subscription_group=PAYMENTS_GROUP)
 class RecordPayment:
     def __init__(self, ledger: PaidOrders, log: Logger) -> None:
         self.ledger = ledger

@@ -146,7 +146,7 @@ def test_orders_all_in_one_ships_every_order_after_its_payment() -> None:
 
         placed = index("order-service", "order_placed")
         waited = index("shipping-service", "waiting_for_payment")
-        paid = index("shipping-service", "payment_recorded")
+        paid = index("shipping-service-payments", "payment_recorded")  # its own ordered group
         shipped = index("shipping-service", "order_shipped")
         assert placed < waited < paid < shipped
         index("storefront", "customer told")
