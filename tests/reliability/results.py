@@ -32,7 +32,8 @@ HEADER = (
     "scenario). Ids are event numbers; *lost* = confirmed by the broker but never "
     "handled by a group meant to get it; *recovery* = seconds from a fault until handling "
     "resumed after the longest pause that began within 5 s of it (slowest group), with that "
-    "pause's length; a pause of ~0.1 s or less means the stream barely noticed.\n"
+    "pause's length; a pause of ~0.1 s or less means the stream barely noticed; *bound* = "
+    "the most duplicates per group the scenario's faults can cause (derived in its table).\n"
 )
 _BLOCK = re.compile(r"<!-- scenario:(\S+) -->.*?<!-- /scenario:\1 -->", re.S)
 
@@ -42,8 +43,41 @@ def blocks(text: str) -> dict[str, str]:
     return {m.group(1): m.group(0) for m in _BLOCK.finditer(text)}
 
 
+#: The summary table's columns: (heading, the scenario table's row it is read from).
+SUMMARY = (
+    ("lost", "lost"),
+    ("duplicates", "duplicates (per group)"),
+    ("bound", "duplicate bound (per group)"),
+    ("recovery after each fault (s)", "recovery after each fault (s)"),
+    ("RSS start / end (MiB)", "RSS start / end (MiB)"),
+    ("result", "result"),
+)
+_ROW = re.compile(r"^\| (.+?) \| (.*) \|$", re.M)
+_TITLE = re.compile(r"^### (.+)$", re.M)
+
+
+def summary(scenarios: dict[str, str]) -> str:
+    """One line per scenario: lost, duplicates, bound, recovery, RSS, result."""
+    lines = [
+        "| scenario | " + " | ".join(h for h, _ in SUMMARY) + " |",
+        "|---" * (len(SUMMARY) + 1) + "|",
+    ]
+    for key in sorted(scenarios):
+        block = scenarios[key]
+        rows = dict(_ROW.findall(block))
+        title = _TITLE.search(block)
+        cells = []
+        for _, row in SUMMARY:
+            value = rows.get(row, "-")
+            if row == "duplicate bound (per group)":
+                value = value.split(" ", 1)[0]  # the number; the derivation is in the table
+            cells.append(value)
+        lines.append(f"| {title.group(1) if title else key} | " + " | ".join(cells) + " |")
+    return "\n## Summary\n\n" + "\n".join(lines) + "\n"
+
+
 def render(scenarios: dict[str, str]) -> str:
-    return HEADER + "".join(f"\n{scenarios[k]}\n" for k in sorted(scenarios))
+    return HEADER + summary(scenarios) + "".join(f"\n{scenarios[k]}\n" for k in sorted(scenarios))
 
 
 def merge(path: Path, new: dict[str, str]) -> None:

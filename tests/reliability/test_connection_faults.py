@@ -17,6 +17,8 @@ import pytest
 from banyan_bus import MessageBus
 from tests.brokers import close_connections, list_connections, vhost_from_url
 from tests.reliability.harness import (
+    RSS_ROW,
+    DupBound,
     PublishStats,
     Recorder,
     ReliabilityBystanderPinged,
@@ -24,13 +26,18 @@ from tests.reliability.harness import (
     analyse,
     assert_outcome,
     common_rows,
+    fmt_rss,
     publish_numbered,
+    rss_kib,
     verdict,
     wait_all_handled,
     write_results,
 )
 
 pytestmark = [pytest.mark.reliability, pytest.mark.amqp]
+
+GROUP_CONCURRENCY = 10
+GROUP_PREFETCH = 3 * GROUP_CONCURRENCY  # the default prefetch: unacked per consumer
 
 
 async def _start_groups(
@@ -39,7 +46,7 @@ async def _start_groups(
     groups = [unique("rel-a"), unique("rel-b")]
     for group in groups:
         bus = MessageBus(group, url, grace_period=2.0)
-        await bus.subscribe(ReliabilityTicked, rec.handler(group), concurrency=10)
+        await bus.subscribe(ReliabilityTicked, rec.handler(group), concurrency=GROUP_CONCURRENCY)
         await stack.enter_async_context(bus)
     bystander_seen: list[str] = []
 
@@ -66,8 +73,10 @@ def _await_connections(vhost: str, count: int, within: float = 20.0) -> None:
 async def test_connections_closed_by_broker_mid_stream(amqp_url: str, unique) -> None:
     """Every ~1.5 s the broker closes every connection of the vhost (publisher's and
     consumers'), 5 times, while 2500 events go out at 100/s (no fault in the last 3 s);
-    aio-pika reconnects."""
+    aio-pika reconnects. Duplicates: each fault closes each group's one consumer, which
+    holds at most 30 unacked deliveries (prefetch 3 x concurrency 10)."""
     began = time.monotonic()
+    rss0 = rss_kib()
     vhost = vhost_from_url(amqp_url)
     rec = Recorder(unique("run"))
     stats = PublishStats()
@@ -99,10 +108,12 @@ async def test_connections_closed_by_broker_mid_stream(amqp_url: str, unique) ->
         groups=groups,
         bystanders={"bystander": len(bystander_seen)},
         faults=faults,
+        bound=DupBound(in_flight=GROUP_PREFETCH, faults=len(faults), publish_retries=stats.retries),
     )
     result = verdict(outcome, [] if complete else ["not all handled within 60 s"])
     rows = common_rows(stats, outcome, len(faults), time.monotonic() - began)
     rows["connections closed per fault"] = ", ".join(map(str, closed_counts))
+    rows[RSS_ROW] = fmt_rss(rss0, rss_kib())
     rows["result"] = result
     write_results("1-connection-close", "1. Connections closed by the broker mid-stream", rows)
     assert len(faults) >= 3, f"only {len(faults)} faults injected: the run was too short"
@@ -129,8 +140,10 @@ def broker_restarted_afterwards() -> Iterator[None]:
 async def test_broker_restart_mid_stream(amqp_url: str, unique) -> None:
     """``rabbitmqctl stop_app`` / ``start_app`` of the (shared) broker while 600 events go out
     at 60/s: quorum queues and persistent messages survive, clients reconnect, consumers
-    resume. One restart per run; the broker is always started again (finally)."""
+    resume. One restart per run; the broker is always started again (finally). Duplicates:
+    the restart closes each group's consumer once (at most its 30 unacked deliveries)."""
     began = time.monotonic()
+    rss0 = rss_kib()
     rec = Recorder(unique("run"))
     stats = PublishStats()
     faults: list[float] = []
@@ -161,10 +174,12 @@ async def test_broker_restart_mid_stream(amqp_url: str, unique) -> None:
         groups=groups,
         bystanders={"bystander": len(bystander_seen)},
         faults=faults,
+        bound=DupBound(in_flight=GROUP_PREFETCH, faults=len(faults), publish_retries=stats.retries),
     )
     result = verdict(outcome, [] if complete else ["not all handled within 60 s"])
     rows = common_rows(stats, outcome, len(faults), time.monotonic() - began)
     rows["broker down (stop_app .. await_startup done, s)"] = f"{downtime:.1f}"
+    rows[RSS_ROW] = fmt_rss(rss0, rss_kib())
     rows["result"] = result
     write_results("2-broker-restart", "2. Broker restart mid-stream (stop_app/start_app)", rows)
     assert_outcome(outcome, "broker restart")

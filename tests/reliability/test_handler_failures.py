@@ -17,11 +17,15 @@ import pytest
 
 from banyan_bus import MessageBus, MessageContext, RetryPolicy
 from tests.reliability.harness import (
+    RSS_ROW,
+    DupBound,
     PublishStats,
     ReliabilityTicked,
     analyse,
     common_rows,
+    fmt_rss,
     publish_numbered,
+    rss_kib,
     write_results,
 )
 
@@ -43,6 +47,7 @@ def _dead_numbers(records: list) -> list[int]:
 @pytest.mark.timeout(150)
 async def test_random_handler_failures_end_handled_or_dead_lettered(amqp_url: str, unique) -> None:
     began = time.monotonic()
+    rss0 = rss_kib()
     group, run = unique("rel-flaky"), unique("run")
     rng = random.Random(20)  # a fixed seed: the same failures each run
     calls: Counter[int] = Counter()
@@ -84,7 +89,13 @@ async def test_random_handler_failures_end_handled_or_dead_lettered(amqp_url: st
     ok_ids = [n for n, _ in succeeded]
     ok = set(ok_ids)
     both = sorted(ok & set(dead))
-    outcome = analyse(stats, {group: succeeded + [(n, 0.0) for n in dead]}, groups=[group])
+    # No fault touches the consumer (a handler exception is an attempt, not a redelivery of a
+    # handled event): no event may end both handled and dead-lettered or handled twice,
+    # beyond one copy per failed publish attempt (none expected).
+    bound = DupBound(publish_retries=stats.retries)
+    outcome = analyse(
+        stats, {group: succeeded + [(n, 0.0) for n in dead]}, groups=[group], bound=bound
+    )
     poison = {n for n in stats.confirmed if n % 50 == 7}
     rows = common_rows(stats, outcome, sum(failures.values()), time.monotonic() - began)
     rows["faults injected"] = f"{sum(failures.values())} handler exceptions"
@@ -101,13 +112,17 @@ async def test_random_handler_failures_end_handled_or_dead_lettered(amqp_url: st
         problems.append(f"{len(both)} both succeeded and dead-lettered")
     if not complete:
         problems.append("not all settled within 60 s")
+    if outcome.over_bound:
+        problems.append(f"duplicates {outcome.duplicates} over the bound {bound.value}")
     if not poison <= set(dead):
         problems.append(f"always-failing events missing from the DLQ: {sorted(poison - set(dead))}")
     rows["result"] = "PASS" if not problems else "FAIL: " + "; ".join(problems)
     del rows["recovery after each fault (s)"]
+    rows[RSS_ROW] = fmt_rss(rss0, rss_kib())
     write_results("4-handler-failures", "4. Handler raising in 20 % of calls, with retries", rows)
     assert outcome.lost_total == 0, outcome.lost
     assert not both, f"succeeded and dead-lettered: {both}"
     assert poison <= set(dead), sorted(poison - set(dead))
     assert len(ok_ids) == len(ok), f"duplicate successes: {Counter(ok_ids).most_common(5)}"
+    assert not outcome.over_bound, f"duplicates {outcome.duplicates} over the bound {bound}"
     assert complete, rows["result"]

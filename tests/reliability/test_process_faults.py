@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from banyan_bus import MessageBus
 from tests.brokers import close_connections, list_connections, vhost_from_url
 from tests.reliability.harness import (
+    RSS_ROW,
+    ConsumerProc,
+    DupBound,
     PublishStats,
     analyse,
     assert_outcome,
     common_rows,
+    fmt_rss,
     publish_numbered,
-    read_handled_file,
+    unfinished,
     verdict,
     wait_all_handled,
     write_results,
@@ -32,80 +32,21 @@ from tests.reliability.harness import (
 
 pytestmark = [pytest.mark.reliability, pytest.mark.amqp]
 
-REPO = Path(__file__).resolve().parents[2]
 SOAK_SECONDS = int(os.environ.get("BANYAN_SOAK_SECONDS", "60"))
 SOAK_FAULT_EVERY = 20 if SOAK_SECONDS <= 120 else 60
 SOAK_RATE = 200.0
-
-
-class ConsumerProc:
-    def __init__(self, tmp: Path, url: str, group: str, run: str, tag: str, **opts: object):
-        self.out = tmp / f"handled-{tag}.txt"
-        self.ready = tmp / f"ready-{tag}"
-        self.log = tmp / f"consumer-{tag}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tests.reliability.consumer_proc",
-            "--url",
-            url,
-            "--group",
-            group,
-            "--run",
-            run,
-            "--out",
-            str(self.out),
-            "--ready",
-            str(self.ready),
-        ]
-        for key, value in opts.items():
-            cmd += [f"--{key}", str(value)]
-        self._log_file = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT)
-
-    async def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"consumer exited {self.proc.returncode}: {self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"consumer not ready in {timeout} s: {self.tail()}")
-            await asyncio.sleep(0.1)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-
-    def handled(self) -> list[tuple[int, float]]:
-        return read_handled_file(self.out)
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self._log_file.close()
-
-    async def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-        if self.proc.poll() is None:
-            self.kill()
-        self._log_file.close()
 
 
 @pytest.mark.timeout(150)
 async def test_consumer_killed_with_sigkill_mid_run(amqp_url: str, unique, tmp_path) -> None:
     """1000 events at 100/s to a consumer process with slow handlers (0.2 s, concurrency 20,
     prefetch 40, so ~20 in flight); ``kill -9`` it after 4 s, start a new one 1 s later:
-    every confirmed id is handled (the in-flight and prefetched ones are redelivered)."""
+    every confirmed id is handled (the in-flight and prefetched ones are redelivered).
+
+    The killed process's start/end records prove handlers were running at the kill (some
+    started and never finished), and each of those is handled by the replacement.
+    Duplicates: at most the 40 unacked deliveries of the killed process (+ failed
+    publishes, none expected)."""
     began = time.monotonic()
     group, run = unique("rel-kill"), unique("run")
     opts = {"concurrency": 20, "prefetch": 40, "delay": 0.2}
@@ -114,6 +55,8 @@ async def test_consumer_killed_with_sigkill_mid_run(amqp_url: str, unique, tmp_p
     stats = PublishStats()
     faults: list[float] = []
     in_flight_at_kill = 0
+    running_at_kill: list[int] = []
+    rss = (0, 0)
     try:
         await first.wait_ready()
         async with MessageBus(unique("rel-pub"), amqp_url) as publisher:
@@ -125,8 +68,10 @@ async def test_consumer_killed_with_sigkill_mid_run(amqp_url: str, unique, tmp_p
                 assert not pub.done(), "publisher finished before the kill"
                 handled_before = len(first.handled())
                 in_flight_at_kill = len(stats.confirmed) - handled_before
+                first_rss = first.rss_kib()
                 faults.append(time.time())
                 first.kill()
+                running_at_kill = unfinished(first)  # the files are complete: it is dead
                 assert handled_before > 0, "the first consumer handled nothing before the kill"
                 await asyncio.sleep(1.0)
                 second = ConsumerProc(tmp_path, amqp_url, group, run, "second", **opts)
@@ -142,19 +87,33 @@ async def test_consumer_killed_with_sigkill_mid_run(amqp_url: str, unique, tmp_p
         complete = await wait_all_handled(stats, handled, [group], timeout=60)
         await asyncio.sleep(1.0)
         records = handled()
+        assert second is not None
+        rss = (first_rss, second.rss_kib())
     finally:
         first.kill() if first.proc.poll() is None else None
         if second is not None:
             await second.stop()
-    outcome = analyse(stats, records, groups=[group], faults=faults)
-    result = verdict(outcome, [] if complete else ["not all handled within 60 s"])
+    bound = DupBound(in_flight=40, consumers=1, faults=1, publish_retries=stats.retries)
+    outcome = analyse(stats, records, groups=[group], faults=faults, bound=bound)
+    replayed = {n for n, _ in second.handled()} if second else set()
+    not_replayed = sorted(set(running_at_kill) - replayed)
+    problems = [] if complete else ["not all handled within 60 s"]
+    if not running_at_kill:
+        problems.append("no handler was running at the kill")
+    if not_replayed:
+        problems.append(f"killed mid-handler, never handled again: {not_replayed[:10]}")
+    result = verdict(outcome, problems)
     rows = common_rows(stats, outcome, len(faults), time.monotonic() - began)
     rows["handled by the killed process"] = len(first.handled())
+    rows["handlers started and unfinished at the kill"] = len(running_at_kill)
     rows["confirmed but not yet handled at the kill (in flight or queued)"] = in_flight_at_kill
     rows["handled by the replacement"] = len(second.handled()) if second else 0
+    rows[RSS_ROW] = fmt_rss(*rss, "killed consumer at the kill / replacement at the end")
     rows["result"] = result
     write_results("3-sigkill", "3. Consumer process killed with SIGKILL mid-run", rows)
     assert in_flight_at_kill > 0, "nothing was in flight when the consumer was killed"
+    assert running_at_kill, "no handler was started and unfinished at the kill"
+    assert not not_replayed, result
     assert_outcome(outcome, "SIGKILL")
     assert complete, result
 
@@ -216,7 +175,10 @@ async def test_sustained_load_with_faults_and_flat_memory(amqp_url: str, unique,
     warm_rss = warm[0] if warm else start_rss
     growth = end_rss - warm_rss
     bound = min(30 * 1024, warm_rss // 2)
-    outcome = analyse(stats, records, groups=[group], faults=faults)
+    # Each fault closes the consumer's connection: at most its 30 unacked deliveries
+    # (prefetch 3 x concurrency 10) come back.
+    bound = DupBound(in_flight=30, consumers=1, faults=len(faults), publish_retries=stats.retries)
+    outcome = analyse(stats, records, groups=[group], faults=faults, bound=bound)
     problems = [] if complete else ["not all handled within 90 s"]
     if growth > bound:
         problems.append(f"RSS grew {growth / 1024:.1f} MiB > {bound / 1024:.1f} MiB")
@@ -228,6 +190,7 @@ async def test_sustained_load_with_faults_and_flat_memory(amqp_url: str, unique,
     rows["consumer RSS start / after 10 s warm-up / end (MiB)"] = (
         f"{start_rss / 1024:.1f} / {warm_rss / 1024:.1f} / {end_rss / 1024:.1f}"
     )
+    rows[RSS_ROW] = fmt_rss(warm_rss, end_rss, "consumer, after warm-up")
     rows["RSS growth after warm-up (bound)"] = f"{growth / 1024:+.1f} MiB ({bound / 1024:.1f})"
     rows["RSS samples (s: MiB)"] = ", ".join(f"{t:.0f}: {k / 1024:.1f}" for t, k in samples[::2])
     rows["result"] = result
