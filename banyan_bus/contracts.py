@@ -24,6 +24,7 @@ from decimal import Decimal
 from typing import Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, PydanticDeprecatedSince20
+from pydantic._internal._model_construction import ModelMetaclass
 from pydantic.alias_generators import to_camel
 
 from banyan_bus.errors import ContractError
@@ -160,19 +161,34 @@ class ContractRegistry:
 registry = ContractRegistry()
 
 
-# The wire forms of datetimes and decimals (wire.py) need a serializer for two types
-# wherever they appear in a contract, containers included, without the user annotating
-# each field; pydantic 2 does that only through `json_encoders`, which it marks
-# deprecated (still supported until pydantic 3, hence the `<3` pin). Silence exactly
-# that warning for contracts, not for the user's other models.
-warnings.filterwarnings(
-    "ignore",
-    message="`json_encoders` is deprecated",
-    category=PydanticDeprecatedSince20,
-)
+class _ContractMeta(ModelMetaclass):
+    """pydantic's model metaclass, quiet about the one deprecation contracts rely on.
+
+    The wire forms of datetimes and decimals (``wire.py``) need a serializer for two
+    types wherever they appear in a contract, containers included, without the user
+    annotating each field; pydantic 2 does that only through ``json_encoders``,
+    which it marks deprecated (still supported until pydantic 3, hence the ``<3``
+    pin). The warning is silenced exactly while a contract class is built, for no
+    other model of the user's and whatever warning filters a test runner installs.
+    """
+
+    def __new__(
+        mcs,
+        cls_name: str,
+        bases: tuple[type[Any], ...],
+        namespace: dict[str, Any],
+        **kwargs: Any,
+    ) -> type:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message="`json_encoders` is deprecated",
+                category=PydanticDeprecatedSince20,
+            )
+            return super().__new__(mcs, cls_name, bases, namespace, **kwargs)
 
 
-class Message(BaseModel):
+class Message(BaseModel, metaclass=_ContractMeta):
     """Base of all contracts. Use ``Event``, ``Command`` or ``Query``.
 
     Fields are snake_case in Python and camelCase on the wire. Unknown wire
