@@ -7,7 +7,8 @@
 Subscribes group ``G`` to ``ReliabilityTicked``. For each event of run ``R`` the handler
 appends ``"<n> <unix time>"`` to ``--starts`` when it begins and to ``FILE`` when it ends
 (each flushed per line, so in the kernel before the next step and before the ack: a
-SIGKILL loses neither). Between the two it sleeps ``--delay`` s (the work a kill can
+SIGKILL loses neither; an exception or cancellation around the side effect is written to
+``--starts`` as a ``#`` comment line). Between the two it sleeps ``--delay`` s (the work a kill can
 interrupt).
 
 ``--ordered``: an ordered subscription (``ordered=True``, ``--partitions`` queues); the
@@ -63,7 +64,12 @@ async def main(args: argparse.Namespace) -> None:
         if delay:
             await asyncio.sleep(delay)
         if effects is not None:
-            await effects.incr(effect_key(args.redis_prefix, event.n))
+            try:
+                await effects.incr(effect_key(args.redis_prefix, event.n))
+            except BaseException as exc:  # a side effect that may or may not have happened
+                if starts is not None:
+                    starts.write(f"# {event.n} {time.time():.6f} {type(exc).__name__}: {exc}\n")
+                raise
         out.write(f"{event.n} {time.time():.6f}\n")
 
     bus_opts: dict[str, Any] = {"grace_period": 2.0}

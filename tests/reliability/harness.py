@@ -425,6 +425,7 @@ class ConsumerProc:
         self.log = tmp / f"consumer-{tag}.log"
         cmd = [
             sys.executable,
+            "-u",  # unbuffered: the log of a SIGKILLed consumer is complete
             "-m",
             "tests.reliability.consumer_proc",
             "--url",

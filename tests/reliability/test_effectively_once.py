@@ -193,6 +193,16 @@ async def test_effectively_once_under_connection_kills_and_sigkill(
     rows["handled by the killed process / the replacement"] = (
         f"{len(first.handled())} / {len(second.handled()) if second else 0}"
     )
+    interrupted = [
+        line[2:]
+        for proc in (first, second)
+        if proc is not None and proc.starts.exists()
+        for line in proc.starts.read_text().splitlines()
+        if line.startswith("# ")
+    ]
+    rows["side effects interrupted by an exception or cancellation"] = (
+        f"{len(interrupted)} {interrupted[:5]}" if interrupted else "0"
+    )
     rows[RSS_ROW] = fmt_rss(*rss, "killed consumer at the kill / replacement at the end")
     rows["result"] = result
     write_results(
