@@ -177,8 +177,10 @@ async def test_sustained_load_with_faults_and_flat_memory(amqp_url: str, unique,
     bound = min(30 * 1024, warm_rss // 2)
     # Each fault closes the consumer's connection: at most its 30 unacked deliveries
     # (prefetch 3 x concurrency 10) come back.
-    bound = DupBound(in_flight=30, consumers=1, faults=len(faults), publish_retries=stats.retries)
-    outcome = analyse(stats, records, groups=[group], faults=faults, bound=bound)
+    dup_bound = DupBound(
+        in_flight=30, consumers=1, faults=len(faults), publish_retries=stats.retries
+    )
+    outcome = analyse(stats, records, groups=[group], faults=faults, bound=dup_bound)
     problems = [] if complete else ["not all handled within 90 s"]
     if growth > bound:
         problems.append(f"RSS grew {growth / 1024:.1f} MiB > {bound / 1024:.1f} MiB")
