@@ -33,7 +33,7 @@ from banyan_bus.contracts import (
     routing_key_for,
 )
 from banyan_bus.delay import delay_route, parse_after
-from banyan_bus.delivery import make_context
+from banyan_bus.delivery import CANCEL_WAIT_S, make_context
 from banyan_bus.di import Injector
 from banyan_bus.dlq import DeadLetterQueue
 from banyan_bus.envelope import (
@@ -267,7 +267,14 @@ class MessageBus:
         )
 
     async def stop(self, grace_period: float | None = None) -> None:
-        """Stop consuming, let in-flight handlers finish, return the rest, disconnect."""
+        """Stop consuming, let in-flight handlers finish, return the rest, disconnect.
+
+        Deliveries whose handler has not started go back to the queue at once;
+        running handlers get ``grace_period`` s, then are cancelled, and one that
+        ignores the cancellation is abandoned after ``delivery.CANCEL_WAIT_S``
+        (logged, its message returned): this returns within the grace period
+        plus about a second, whatever handlers do.
+        """
         if self._transport is None:
             return
         self._state = "draining"
@@ -279,18 +286,34 @@ class MessageBus:
         for consumer in consumers:
             await consumer.stop_consuming()
         deadline = asyncio.get_running_loop().time() + grace
+        busy = []
         for consumer in consumers:
             left = max(0.0, deadline - asyncio.get_running_loop().time())
             if not await consumer.wait_idle(left):
-                self._log.warning(
-                    "grace_period_over",
-                    detail="returning unfinished messages to their queue",
-                )
-                await consumer.cancel_in_flight()
+                busy.append(consumer)
+        if busy:
+            self._log.warning(
+                "grace_period_over",
+                in_flight=sum(consumer.in_flight for consumer in busy),
+                detail="returning unfinished messages to their queue",
+            )
+            # Bounded (delivery.CANCEL_WAIT_S), all at once: a handler that ignores
+            # cancellation is abandoned, its message returned, and stop() goes on.
+            await asyncio.gather(*(consumer.cancel_in_flight() for consumer in busy))
         self._consumers.clear()
         self._command_consumers.clear()
         self._requester = None
-        await self._close_transport()
+        if busy and any(consumer.in_flight for consumer in busy):
+            # Abandoned handlers are still running in tasks the AMQP client waits for
+            # when it closes its channels, after the connection itself is closed (so the
+            # broker has taken their messages back): do not wait for them.
+            try:
+                async with asyncio.timeout(CANCEL_WAIT_S):
+                    await self._close_transport()
+            except TimeoutError:
+                self._log.warning("close_abandoned_handlers", detail="the connection is closed")
+        else:
+            await self._close_transport()
         await self._injector.close()
         await self.idempotency_store.close()
         self._started = False

@@ -509,6 +509,7 @@ class OrderedStreamConsumer:
 
     async def stop_consuming(self) -> None:
         consumers, self._consumers = self._consumers, []
+        self._tasks.close()  # unstarted deliveries (and the chains behind them) go back now
         for consumer in consumers:
             await consumer.cancel()
 

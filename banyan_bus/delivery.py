@@ -4,9 +4,14 @@ Both consumers - ``consume.SubscriptionConsumer`` (a group's events) and
 ``rpc.CommandConsumer`` (a service's commands and queries) - receive
 deliveries the same way and owe each one the same things:
 
-- **task tracking**: shutdown stops consuming, waits for the running handlers
-  (the grace period), then cancels the rest; a cancelled delivery goes back to
-  its queue, so nothing is lost;
+- **task tracking and a bounded shutdown**: shutdown stops consuming and at
+  once returns to the queue every delivery whose handler has not started
+  (prefetched, or waiting for a concurrency slot); it waits for the running
+  handlers (the grace period), then cancels the rest and waits at most
+  :data:`CANCEL_WAIT_S` for them. A handler that ignores the cancellation is
+  abandoned: logged by message id and handler, its delivery nacked back to the
+  queue (and the broker requeues it anyway when the connection closes), so
+  ``stop()`` returns whatever a handler does and nothing is lost;
 - **back-pressure**: at most ``concurrency`` handlers at once (no semaphore
   where the prefetch already bounds them: it could never block);
 - **context**: a :class:`MessageContext` as ``current_context()``, a span that
@@ -46,29 +51,82 @@ from banyan_bus.logcontext import bind_message_log_context
 from banyan_bus.telemetry import CONSUMER_GROUP, MESSAGE_TYPE, Telemetry, span_ids
 from banyan_bus.transport.base import Consumer, Delivery, Transport
 
+#: How long shutdown waits for cancelled handlers to end before abandoning them
+#: (and, when it abandoned some, for the connection to close: see ``MessageBus.stop``).
+CANCEL_WAIT_S = 0.5
+#: How long shutdown waits for the broker to take back an abandoned delivery.
+_RETURN_WAIT_S = 1.0
+
+
+class InFlight:
+    """One delivery being handled: its task, and its context once handling started."""
+
+    __slots__ = ("ctx", "delivery", "started")
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self.started = False  # False while prefetched or waiting for a concurrency slot
+        self.ctx: MessageContext | None = None
+
+    @property
+    def handler(self) -> str | None:
+        return None if self.ctx is None else self.ctx.handler
+
+    @property
+    def message_id(self) -> str | None:
+        return self.delivery.message_id if self.ctx is None else self.ctx.id
+
 
 class HandlerTasks:
     """The tasks handling one consumer's deliveries.
 
-    Shutdown waits for them (the grace period), then cancels the rest; a
-    cancelled handler returns its message to the queue, so nothing is lost.
+    Shutdown (:meth:`close`) returns the deliveries whose handler has not
+    started, waits for the others (the grace period), then cancels the rest
+    and waits a bounded time (:meth:`cancel_and_wait`); a cancelled handler
+    returns its message to the queue, so nothing is lost.
     """
 
+    __slots__ = ("_tasks", "closing")
+
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: dict[asyncio.Task[Any], InFlight] = {}
+        #: Set at shutdown: a delivery whose handler has not started goes back at once.
+        self.closing = False
 
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def add_current(self) -> asyncio.Task[Any] | None:
+    def add_current(self, delivery: Delivery) -> tuple[asyncio.Task[Any] | None, InFlight]:
         task = asyncio.current_task()
+        entry = InFlight(delivery)
         if task is not None:
-            self._tasks.add(task)
-        return task
+            self._tasks[task] = entry
+        return task, entry
 
     def discard(self, task: asyncio.Task[Any] | None) -> None:
         if task is not None:
-            self._tasks.discard(task)
+            self._tasks.pop(task, None)
+
+    def note_context(self, ctx: MessageContext) -> None:
+        """Remember the current task's context (for naming its handler at shutdown)."""
+        task = asyncio.current_task()
+        entry = self._tasks.get(task) if task is not None else None
+        if entry is not None:
+            entry.ctx = ctx
+
+    def close(self) -> int:
+        """Stop handling: cancel every delivery whose handler has not started (each
+        returns its message to the queue); later ones are returned on arrival.
+        Returns how many were cancelled."""
+        self.closing = True
+        unstarted = [task for task, entry in self._tasks.items() if not entry.started]
+        for task in unstarted:
+            task.cancel()
+        return len(unstarted)
+
+    def running(self) -> list[InFlight]:
+        """The deliveries whose handlers are running now."""
+        return [entry for task, entry in self._tasks.items() if not task.done()]
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until none is running; False if ``timeout`` passed first."""
@@ -84,10 +142,19 @@ class HandlerTasks:
         for task in list(self._tasks):
             task.cancel()
 
-    async def cancel_and_wait(self) -> None:
+    async def cancel_and_wait(self, timeout: float = CANCEL_WAIT_S) -> list[InFlight]:
+        """Cancel every task and wait at most ``timeout`` s for them to end.
+
+        Returns the deliveries whose handlers are still running after that
+        (they ignored the cancellation): the caller abandons them. Never
+        unbounded: a handler that catches ``CancelledError`` and goes on must
+        not hold up shutdown.
+        """
+        self.closing = True
         self.cancel()
         if self._tasks:
-            await asyncio.wait(set(self._tasks))
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        return self.running()
 
 
 def make_context(
@@ -168,10 +235,18 @@ class DeliveryConsumer(ABC):
     # -- lifecycle ------------------------------------------------------------------
 
     async def stop_consuming(self) -> None:
-        """Stop taking new messages; in-flight handlers go on."""
+        """Stop taking new messages; running handlers go on, and deliveries whose
+        handler has not started go back to the queue now (not run first)."""
         consumers, self._consumers = self._consumers, []
+        returned = self._tasks.close()
         for consumer in consumers:
             await consumer.cancel()
+        if returned:
+            self._log.info(
+                "unstarted_returned",
+                count=returned,
+                detail="prefetched deliveries whose handler had not started go back to the queue",
+            )
 
     @property
     def in_flight(self) -> int:
@@ -180,21 +255,55 @@ class DeliveryConsumer(ABC):
     async def wait_idle(self, timeout: float | None = None) -> bool:
         return await self._tasks.wait_idle(timeout)
 
-    async def cancel_in_flight(self) -> None:
-        await self._tasks.cancel_and_wait()
+    async def cancel_in_flight(self, timeout: float = CANCEL_WAIT_S) -> None:
+        """Cancel the running handlers (their messages go back to the queue); wait at
+        most ``timeout`` s, then abandon those that ignore it, returning their messages."""
+        for entry in self._tasks.running():
+            self._log.warning(
+                "handler_cancelled_at_shutdown",
+                message_id=entry.message_id,
+                handler=entry.handler,
+                detail="the grace period is over; the message goes back to its queue",
+            )
+        stuck = await self._tasks.cancel_and_wait(timeout)
+        for entry in stuck:
+            delivery = entry.delivery
+            self._log.error(
+                "handler_abandoned",
+                message_id=entry.message_id,
+                handler=entry.handler,
+                detail=f"ignored cancellation for {timeout} s; shutdown goes on without it "
+                "and its message goes back to the queue (it may still be running)",
+            )
+            if delivery.settled or delivery.stale:
+                continue
+            try:
+                async with asyncio.timeout(_RETURN_WAIT_S):
+                    await delivery.nack(requeue=True)
+            except (BanyanError, TimeoutError) as exc:  # closing the connection returns it
+                self._log.warning("settle_failed", message_id=delivery.message_id, error=repr(exc))
 
     # -- per delivery ---------------------------------------------------------------
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         tasks = self._tasks
-        task = tasks.add_current()
+        if tasks.closing:  # shutting down: back to the queue, not run first
+            if not delivery.stale:
+                await self._safe(delivery.nack(requeue=True), delivery)
+            return
+        task, entry = tasks.add_current(delivery)
         try:
             if self._semaphore is None:
                 if not delivery.stale:  # else its connection is gone: redelivered elsewhere
+                    entry.started = True
                     await self._handle(delivery)
             else:
                 async with self._semaphore:
-                    if not delivery.stale:
+                    if tasks.closing:  # a slot came free during shutdown: do not start
+                        if not delivery.stale:
+                            await self._safe(delivery.nack(requeue=True), delivery)
+                    elif not delivery.stale:
+                        entry.started = True
                         await self._handle(delivery)
         except asyncio.CancelledError:
             if not delivery.settled and not delivery.stale:
@@ -214,6 +323,7 @@ class DeliveryConsumer(ABC):
             return
         envelope = admitted
         ctx = self._context(envelope, delivery)
+        self._tasks.note_context(ctx)
         token = _current.set(ctx)
         telemetry = self._telemetry
         try:
