@@ -29,6 +29,14 @@ read terminate: a requeued message is ready again at once (a quorum queue puts
 it behind the others), so give-back-as-you-go would read it again and again.
 A peek changes nothing but the broker's redelivery flag and delivery count.
 
+**Streaming.** ``find``, ``replay`` and ``purge`` (by id or predicate) read
+the DLQ one message at a time and hold at most ``window`` (default 500)
+unacked: what they act on is settled at once, and when the window is full the
+held records are moved to the DLQ's tail (confirmed copy, then ack) rather
+than requeued, since a classic queue would hand a requeued message straight
+back. Memory stays bounded whatever the DLQ's size; a long walk may reorder it
+(details in ``DeadLetterQueue._walk``). ``list(limit)`` holds ``limit``.
+
 **Moving.** A replay is a move, so it follows the engine's rule for moves: the
 copy is published to the group's *own* exchange with publisher confirms and
 ``mandatory``, and only after the broker confirmed it is the DLQ copy acked.
@@ -41,19 +49,19 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
 
 from banyan_bus import topology
 from banyan_bus.contracts import Message, routing_key_for
-from banyan_bus.deadletter import BROKER_REASONS, DeadLetter
+from banyan_bus.deadletter import BROKER_REASONS, DeadLetter, republish
 from banyan_bus.declarations import apply
 from banyan_bus.delay import delay_route
 from banyan_bus.errors import BanyanError, TopologyError
 from banyan_bus.topology import delay_plan, retry_route_plan
-from banyan_bus.transport.base import Delivery, Transport
+from banyan_bus.transport.base import DEFAULT_EXCHANGE, Delivery, Transport
 
 __all__ = [
     "BROKER_REASONS",
@@ -85,6 +93,9 @@ class ReplayResult:
 
 _Held = builtins.list[tuple[Delivery, DeadLetter]]
 
+#: How many DLQ messages find/replay/purge hold unacked at once (see ``_walk``).
+DEFAULT_WINDOW = 500
+
 #: How long a give-back waits for the broker to show the messages as ready again.
 _GIVE_BACK_WAIT_S = 5.0
 
@@ -97,9 +108,21 @@ class DeadLetterQueue:
     """
 
     def __init__(
-        self, transport: Transport, group: str, contract_or_message_type: type[Message] | str
+        self,
+        transport: Transport,
+        group: str,
+        contract_or_message_type: type[Message] | str,
+        *,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self.transport = transport
+        #: At most this many messages are held unacked (and in memory) by
+        #: ``find``/``replay``/``purge``; ``list(limit)`` holds ``limit``.
+        self.window = window
+        #: The most held unacked at once by the last ``find``/``replay``/``purge``.
+        self.peak_unacked = 0
         self.group = topology.check_group_name(group)
         if isinstance(contract_or_message_type, str):
             self.message_type = contract_or_message_type
@@ -133,10 +156,19 @@ class DeadLetterQueue:
         return [dead for _, dead in held]
 
     async def find(self, ref: str) -> DeadLetter | None:
-        """The message whose :attr:`DeadLetter.ref` is ``ref``, left in the queue."""
-        held, ready = await self._take(None)
-        await self._give_back(held, ready)
-        return next((dead for _, dead in held if dead.ref == ref), None)
+        """The message whose :attr:`DeadLetter.ref` is ``ref``, left in the queue.
+
+        Streams the DLQ (see :meth:`_walk`) and stops at the first match.
+        """
+        found: builtins.list[DeadLetter] = []
+
+        async def visit(delivery: Delivery, dead: DeadLetter) -> bool:
+            if dead.ref == ref:
+                found.append(dead)
+            return False
+
+        await self._walk(visit, lambda: bool(found))
+        return found[0] if found else None
 
     async def replay(
         self,
@@ -174,40 +206,43 @@ class DeadLetterQueue:
             await apply(self.transport, [*delay_plan(), *retry_route_plan(target)])
         replayed: builtins.list[str] = []
         failed: dict[str, str] = {}
-        held, ready = await self._take(None)
-        try:
-            for delivery, dead in held:
-                if not _chosen(dead, wanted, where):
-                    continue
-                if blocked is not None:
-                    failed[dead.ref] = blocked
-                    continue
-                try:
-                    message = dead.replay_message(keep_progress=keep_progress)
-                    if progress_route is not None and dead.handled:
-                        await self.transport.publish(
-                            progress_route.exchange,
-                            progress_route.routing_key,
-                            message,
-                            confirm=True,
-                            mandatory=True,
-                        )
-                    else:
-                        await self.transport.publish(
-                            target, routing_key, message, confirm=True, mandatory=True
-                        )
-                except (BanyanError, TypeError, ValueError, OverflowError) as exc:
-                    # TypeError/ValueError/OverflowError: headers the AMQP client cannot
-                    # encode (a non-UTF-8 string, a double beyond float32), which the
-                    # transport does not translate yet. One such message must not stop
-                    # the replay of the others.
-                    failed[dead.ref] = f"{type(exc).__name__}: {exc}"
-                    continue
-                await self._settle(delivery, ack=True)
-                replayed.append(dead.ref)
-        finally:
-            await self._give_back(held, ready - len(replayed))
-        missing = sorted(wanted - {dead.ref for _, dead in held}) if wanted else []
+        seen: set[str] = set()
+
+        async def visit(delivery: Delivery, dead: DeadLetter) -> bool:
+            if wanted is not None and dead.ref in wanted:
+                seen.add(dead.ref)
+            if not _chosen(dead, wanted, where):
+                return False
+            if blocked is not None:
+                failed[dead.ref] = blocked
+                return False
+            try:
+                message = dead.replay_message(keep_progress=keep_progress)
+                if progress_route is not None and dead.handled:
+                    await self.transport.publish(
+                        progress_route.exchange,
+                        progress_route.routing_key,
+                        message,
+                        confirm=True,
+                        mandatory=True,
+                    )
+                else:
+                    await self.transport.publish(
+                        target, routing_key, message, confirm=True, mandatory=True
+                    )
+            except (BanyanError, TypeError, ValueError, OverflowError) as exc:
+                # TypeError/ValueError/OverflowError: headers the AMQP client cannot
+                # encode (a non-UTF-8 string, a double beyond float32), which the
+                # transport does not translate yet. One such message must not stop
+                # the replay of the others.
+                failed[dead.ref] = f"{type(exc).__name__}: {exc}"
+                return False
+            await self._settle(delivery, ack=True)
+            replayed.append(dead.ref)
+            return True
+
+        await self._walk(visit, lambda: wanted is not None and len(seen) == len(wanted))
+        missing = sorted(wanted - seen) if wanted else []
         log.info(
             "dlq_replayed",
             queue=self.name,
@@ -232,16 +267,81 @@ class DeadLetterQueue:
             return dropped
         wanted = None if ids is None else set(ids)
         dropped = 0
-        held, ready = await self._take(None)
-        try:
-            for delivery, dead in held:
-                if _chosen(dead, wanted, where):
-                    await self._settle(delivery, ack=True)
-                    dropped += 1
-        finally:
-            await self._give_back(held, ready - dropped)
+        seen: set[str] = set()
+
+        async def visit(delivery: Delivery, dead: DeadLetter) -> bool:
+            nonlocal dropped
+            if wanted is not None and dead.ref in wanted:
+                seen.add(dead.ref)
+            if not _chosen(dead, wanted, where):
+                return False
+            await self._settle(delivery, ack=True)
+            dropped += 1
+            return True
+
+        await self._walk(visit, lambda: wanted is not None and len(seen) == len(wanted))
         log.warning("dlq_purged", queue=self.name, dropped=dropped)
         return dropped
+
+    # -- streaming ------------------------------------------------------------------------
+
+    async def _walk(
+        self,
+        visit: Callable[[Delivery, DeadLetter], Awaitable[bool]],
+        done: Callable[[], bool],
+    ) -> None:
+        """Take the DLQ's messages one by one (``basic.get``), holding at most
+        :attr:`window` unacked, until each one there at the start was seen once
+        or ``done()``.
+
+        ``visit`` acts on a message at once and returns True if it settled it
+        (replayed, purged); the others are held. When :attr:`window` are held,
+        they are *rotated*: each is copied to the DLQ's tail (confirmed) and only
+        then acked, so memory and the broker's unacked count stay bounded on
+        every queue type. (Requeueing instead would not do: a classic queue puts
+        a requeued message back at its head, where the next ``basic.get`` would
+        read it again.) At the end, what is still held is given back (requeue).
+        So a walk over a DLQ larger than the window reorders it (rotated records
+        behind the rest), and a crash between a copy's confirm and the original's
+        ack leaves one record twice (same id); nothing is ever lost. A walk that
+        ends early (``done()``: the id was found) touches only what it read.
+        """
+        ready = await self.count()
+        held: _Held = []
+        removed = 0
+        self.peak_unacked = 0
+        try:
+            for _ in range(ready):
+                if done():
+                    break
+                delivery = await self.transport.get(self.name)
+                if delivery is None:  # someone else holds or took the rest
+                    break
+                dead = DeadLetter.from_delivery(delivery, group=self.group)
+                self.peak_unacked = max(self.peak_unacked, len(held) + 1)
+                if await visit(delivery, dead):
+                    removed += 1
+                    continue
+                held.append((delivery, dead))
+                if len(held) >= self.window:
+                    await self._rotate(held)
+                    held.clear()
+        finally:
+            await self._give_back(held, ready - removed)
+
+    async def _rotate(self, held: _Held) -> None:
+        """Move the held records to the DLQ's tail: confirmed copy, then ack."""
+        for delivery, _ in held:
+            if delivery.settled:
+                continue
+            await self.transport.publish(
+                DEFAULT_EXCHANGE,
+                self.name,
+                republish(delivery, delivery.headers),
+                confirm=True,
+                mandatory=True,
+            )
+            await self._settle(delivery, ack=True)
 
     # -- holding messages ---------------------------------------------------------------
 
