@@ -89,7 +89,7 @@ def subscriptions_of(bus: MessageBus) -> list[SubscriptionInfo]:
 
 def _owned_requests(bus: MessageBus) -> list[type[Message]]:
     """Commands and queries this service owns."""
-    return [spec.contract for spec, _options in bus._commands.values()]
+    return list(bus.owned_contracts)
 
 
 class RemoteError(BaseModel):

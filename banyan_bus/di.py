@@ -36,7 +36,8 @@ from dishka.exceptions import NoFactoryError
 
 from banyan_bus.context import MessageContext
 from banyan_bus.contracts import Message
-from banyan_bus.errors import DependencyError
+from banyan_bus.errors import DependencyError, HandlerError
+from banyan_bus.handlers import HandlerOptions, HandlerSpec, dispatch_table, handler_options
 
 #: The logger type handlers may ask for; it is bound to the message's fields.
 Logger = structlog.typing.FilteringBoundLogger
@@ -115,6 +116,25 @@ class Injector:
                         f"(MessageContext, MessageBus and a structlog logger are built in)."
                     )
         return DependencyError(f"a handler dependency cannot be resolved: {exc}")
+
+    def handler(self, cls: type[Any]) -> tuple[HandlerOptions, HandlerSpec]:
+        """Take ``cls`` (a decorated handler class) into the container; its spec to run it.
+
+        The spec builds an instance per message in its own scope and calls the
+        method for the message's version (``handlers.dispatch_table``).
+        """
+        opts = handler_options(cls)
+        if opts is None:
+            raise HandlerError(f"{cls.__qualname__} is not a handler class")
+        table = dispatch_table(cls, opts.contract)
+        self.add(cls)
+        spec = HandlerSpec(
+            name=f"{cls.__module__}.{cls.__qualname__}",
+            contract=opts.contract,
+            invoke=self.invoker(cls, table),
+            versions=frozenset(table),
+        )
+        return opts, spec
 
     def invoker(
         self, cls: type[Any], table: dict[int, MethodCall]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Literal, TypeVar, get_type_hints
 
 from banyan_bus.context import MessageContext
@@ -258,3 +259,29 @@ def dispatch_table(
         if chain is not None:
             table[version] = _method_invoker("handle", _message_param(handle)[1] == 2, chain)
     return table
+
+
+def handler_classes(items: Iterable[type[Any] | ModuleType]) -> list[type[Any]]:
+    """The handler classes ``bus.include`` registers: classes as given, and for a module
+    every decorated class defined in it, in definition order.
+
+    Raises ``HandlerError`` for a class that is not decorated.
+    """
+    found: list[type[Any]] = []
+    for item in items:
+        if isinstance(item, ModuleType):
+            found += [
+                obj
+                for obj in vars(item).values()
+                if isinstance(obj, type)
+                and handler_options(obj) is not None
+                and obj.__module__ == item.__name__
+            ]
+        elif handler_options(item) is None:
+            raise HandlerError(
+                f"{getattr(item, '__qualname__', item)!r} is not a handler class: decorate it "
+                f"with @EventHandler(...), @CommandHandler(...) or @QueryHandler(...)"
+            )
+        else:
+            found.append(item)
+    return found

@@ -315,6 +315,6 @@ async def test_register_a_module_and_refuse_plain_classes(unique, memory_url: st
         await bus.register(Ledger)
     await bus.register(sys.modules[__name__])
     registered = {
-        spec.name.rsplit(".", 1)[-1] for sub in bus._subscriptions.values() for spec in sub.handlers
+        spec.name.rsplit(".", 1)[-1] for sub in bus.subscriptions for spec in sub.handlers
     }
     assert {"BookInvoice", "VersionedInvoices"} <= registered

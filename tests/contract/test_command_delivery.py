@@ -62,7 +62,7 @@ async def test_a_command_past_its_timeout_is_cancelled_by_the_consumers_deadline
     owner.include(WeighParcelHandler)
     caller = MessageBus(unique("depot"), bus_url)
     async with owner, caller:
-        [consumer] = owner._command_consumers
+        [consumer] = owner._in._command_engines
         assert isinstance(consumer._deadlines, Deadlines)
         assert consumer._deadlines.limit == 0.3
         with pytest.raises(RemoteHandlerError) as info:

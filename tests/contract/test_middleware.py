@@ -221,9 +221,10 @@ async def test_no_middleware_wraps_nothing(memory_url: str, unique: Callable[[st
         pass
 
     bus = MessageBus(unique("plain"), memory_url)
-    assert bus._publish_chain is None
     sub = await bus.subscribe(CrateLabelled, label)
     [spec] = sub.handlers
     plain = function_handler(CrateLabelled, label)
     assert spec.invoke.__qualname__ == plain.invoke.__qualname__
     assert "middleware" not in spec.invoke.__qualname__
+    async with bus:
+        assert bus._started_publisher()._chain is None

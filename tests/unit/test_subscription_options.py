@@ -216,6 +216,6 @@ async def test_command_handlers_take_concurrency_and_timeout_from_the_options() 
     bus = MessageBus("lantern-ops", handler_timeout=9)
     bus.include(Extinguish)
     assert bus.owned_requests == ("ExtinguishLantern",)
-    [(_, options)] = bus._commands.values()
+    [(_, options)] = bus._in.commands.values()
     assert options.concurrency == 2
     assert options.handler_timeout(bus.handler_timeout) == 9
