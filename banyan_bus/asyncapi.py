@@ -27,16 +27,13 @@ Example::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, create_model
-from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
-from pydantic_core import core_schema
-
+from banyan_bus.asyncapi_schemas import ErrorReply, Schemas, message_key, reply_model
+from banyan_bus.asyncapi_schemas import summary as summary_of
 from banyan_bus.contracts import Event, Message, routing_key_for
 from banyan_bus.envelope import CONTENT_TYPE, HEADER_PARTITION_KEY, HEADER_VERSION, EnvelopeHeader
 from banyan_bus.topology import (
@@ -53,9 +50,6 @@ __all__ = ["ASYNCAPI_VERSION", "SubscriptionInfo", "asyncapi_document", "subscri
 
 ASYNCAPI_VERSION = "3.0.0"
 AMQP_BINDING_VERSION = "0.3.0"
-
-_SCHEMAS = "#/components/schemas/"
-_COMPONENT_KEY = re.compile(r"[^\w.\-]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,124 +86,6 @@ def _owned_requests(bus: MessageBus) -> list[type[Message]]:
     return list(bus.owned_contracts)
 
 
-class RemoteError(BaseModel):
-    """Why a command or query handler failed, as the caller receives it."""
-
-    type: str
-    message: str
-
-
-class ErrorReply(BaseModel):
-    """The reply when the handler raised."""
-
-    ok: Literal[False]
-    error: RemoteError
-
-
-def _reply_model(contract: type[Message]) -> type[BaseModel]:
-    result = contract.__result_type__ if contract.__result_type__ is not None else Any
-    model: type[BaseModel] = create_model(
-        f"{contract.__message_type__}Reply",
-        __doc__=f"The reply to {contract.__message_type__} when its handler succeeded.",
-        ok=(Literal[True], ...),
-        result=(result, ...),
-    )
-    return model
-
-
-def _message_key(cls: type[Message]) -> str:
-    return f"{cls.__message_type__}.v{cls.__message_version__}"
-
-
-def _summary(cls: type[Any]) -> str | None:
-    doc = cls.__dict__.get("__doc__")
-    if not isinstance(doc, str) or not doc.strip():
-        return None
-    return doc.strip().splitlines()[0]
-
-
-def _rewrite_refs(node: Any, renames: dict[str, str]) -> Any:
-    if isinstance(node, dict):
-        out = {k: _rewrite_refs(v, renames) for k, v in node.items()}
-        ref = out.get("$ref")
-        if isinstance(ref, str) and ref.startswith(_SCHEMAS):
-            out["$ref"] = _SCHEMAS + renames.get(ref[len(_SCHEMAS) :], ref[len(_SCHEMAS) :])
-        return out
-    if isinstance(node, list):
-        return [_rewrite_refs(v, renames) for v in node]
-    return node
-
-
-class _WireJsonSchema(GenerateJsonSchema):
-    """pydantic's JSON Schema in the wire's forms (``banyan_bus/wire.py``).
-
-    A ``Decimal`` is a JSON number with its exact digits, so its schema is ``number``
-    (pydantic says ``string``, or ``number`` or ``string``), keeping its bounds.
-    """
-
-    def decimal_schema(self, schema: core_schema.DecimalSchema) -> JsonSchemaValue:
-        def bound(key: Literal["multiple_of", "le", "ge", "lt", "gt"]) -> float | None:
-            value = schema.get(key)
-            return None if value is None else float(value)
-
-        number = core_schema.float_schema(
-            multiple_of=bound("multiple_of"),
-            le=bound("le"),
-            ge=bound("ge"),
-            lt=bound("lt"),
-            gt=bound("gt"),
-        )
-        return self.float_schema(number)
-
-
-#: What banyan_bus always writes in ``traceContext``: a W3C trace context, lowercase hex.
-_TRACE_FIELDS = {"traceId": 32, "spanId": 16, "traceFlags": 2}
-
-
-def _require_trace_context(components: dict[str, Any]) -> None:
-    """The envelope always carries ``traceContext`` (DESIGN.md §2), all three fields set.
-
-    The decoder accepts an envelope without one (a foreign publisher's), so pydantic
-    calls it optional; the document says what the platform's readers can rely on.
-    """
-    header, trace = components["EnvelopeHeader"], components["TraceContext"]
-    header["properties"]["traceContext"] = {
-        "$ref": _SCHEMAS + "TraceContext",
-        "description": "W3C trace context; always present.",
-    }
-    header["required"] = [*header.get("required", []), "traceContext"]
-    for name, digits in _TRACE_FIELDS.items():
-        field = trace["properties"][name]
-        field.pop("default", None)
-        field.update({"type": "string", "pattern": f"^[0-9a-f]{{{digits}}}$"})
-    trace["required"] = list(_TRACE_FIELDS)
-
-
-class _Schemas:
-    """Every model's JSON Schema in one pydantic pass, so shared names never collide."""
-
-    def __init__(self, models: Iterable[type[BaseModel]]) -> None:
-        unique: list[type[BaseModel]] = list(dict.fromkeys([EnvelopeHeader, ErrorReply, *models]))
-        refs, top = models_json_schema(
-            [(m, "serialization") for m in unique],
-            by_alias=True,
-            ref_template=_SCHEMAS + "{model}",
-            schema_generator=_WireJsonSchema,
-        )
-        defs: dict[str, Any] = top.get("$defs", {})
-        # AsyncAPI component keys allow letters, digits, '.', '-', '_' only
-        # (pydantic may name a generic model "Page[int]").
-        renames = {name: _COMPONENT_KEY.sub("_", name) for name in defs}
-        self.components = {renames[n]: _rewrite_refs(s, renames) for n, s in defs.items()}
-        _require_trace_context(self.components)
-        self._refs = {
-            model: _rewrite_refs(refs[(model, "serialization")], renames) for model in unique
-        }
-
-    def ref(self, model: type[BaseModel]) -> dict[str, Any]:
-        return dict(self._refs[model])
-
-
 def _vhost(path: str) -> str:
     return unquote(path[1:]) if path not in ("", "/") else "/"
 
@@ -242,7 +118,7 @@ def _servers(url: str) -> tuple[dict[str, Any], str]:
     return {"embedded": server}, "/"
 
 
-def _message(cls: type[Message], schemas: _Schemas) -> dict[str, Any]:
+def _message(cls: type[Message], schemas: Schemas) -> dict[str, Any]:
     kind = cls.__message_kind__
     envelope: dict[str, Any] = {
         "title": f"{cls.__message_type__} v{cls.__message_version__} envelope",
@@ -283,7 +159,7 @@ def _message(cls: type[Message], schemas: _Schemas) -> dict[str, Any]:
             "amqp": {"messageType": cls.__message_type__, "bindingVersion": AMQP_BINDING_VERSION}
         },
     }
-    summary = _summary(cls)
+    summary = summary_of(cls)
     if summary:
         message["summary"] = summary
     if cls.__partition_key__:
@@ -323,22 +199,22 @@ def asyncapi_document(
     contracts += [
         c for request in owned for c in registry.versions(request.__message_type__).values()
     ]
-    replies = {request.__message_type__: _reply_model(request) for request in owned}
-    schemas = _Schemas([*contracts, *replies.values()])
+    replies = {request.__message_type__: reply_model(request) for request in owned}
+    schemas = Schemas([*contracts, *replies.values()])
 
     servers, vhost = _servers(bus.url)
     exchange = {"durable": True, "autoDelete": False, "vhost": vhost}
-    messages = {_message_key(c): _message(c, schemas) for c in contracts}
+    messages = {message_key(c): _message(c, schemas) for c in contracts}
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
 
     def channel_messages(classes: Iterable[type[Message]]) -> dict[str, Any]:
         return {
-            _message_key(c): {"$ref": f"#/components/messages/{_message_key(c)}"} for c in classes
+            message_key(c): {"$ref": f"#/components/messages/{message_key(c)}"} for c in classes
         }
 
     def operation_messages(channel: str, classes: Iterable[type[Message]]) -> list[dict[str, str]]:
-        return [{"$ref": f"#/channels/{channel}/messages/{_message_key(c)}"} for c in classes]
+        return [{"$ref": f"#/channels/{channel}/messages/{message_key(c)}"} for c in classes]
 
     for message_type in event_types:
         channels[f"events.{message_type}"] = {

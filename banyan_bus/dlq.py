@@ -56,9 +56,10 @@ import structlog
 
 from banyan_bus import topology
 from banyan_bus.contracts import Message, routing_key_for
-from banyan_bus.deadletter import BROKER_REASONS, DeadLetter, republish
+from banyan_bus.deadletter import BROKER_REASONS, republish
 from banyan_bus.declarations import apply
 from banyan_bus.delay import delay_route
+from banyan_bus.dlq_record import DeadLetter
 from banyan_bus.errors import BanyanError, TopologyError
 from banyan_bus.topology import delay_plan, retry_route_plan
 from banyan_bus.transport.base import DEFAULT_EXCHANGE, Delivery, Transport
