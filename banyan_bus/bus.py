@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType, TracebackType
 from typing import Any, Self, TypeVar
@@ -95,7 +96,8 @@ class MessageBus(PublishApi):
     ``publishes`` names the event contracts the service publishes (its AsyncAPI document).
     ``publish_versions`` pins the version ``publish`` emits per contract
     (``{UserCreated: 1}``, or by type name) while subscribers catch up: a newer
-    event is sent as that version (see ``@downcaster``).
+    event is sent as that version (see ``@downcaster``). ``ssl_context`` is TLS to
+    the broker built in code (else the ``amqps://`` URL's ``cafile``/``certfile``/...).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class MessageBus(PublishApi):
         stage: str | None = None,
         publishes: Sequence[type[Event]] | None = None,
         publish_versions: Mapping[type[Message] | str, int] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.service = check_group_name(service, what="service")
         #: ``stage`` (else ``BANYAN_STAGE``) scopes the bus to that stage's vhost (stage.py).
@@ -139,6 +142,8 @@ class MessageBus(PublishApi):
         if publish_timeout <= 0:
             raise ConfigurationError(f"publish_timeout must be > 0 seconds, got {publish_timeout}")
         self.publish_timeout = publish_timeout
+        #: TLS to the broker built in code; replaces the ``amqps://`` URL's TLS options.
+        self.ssl_context = ssl_context
         self.idempotency_store: IdempotencyStore = idempotency_store or MemoryIdempotencyStore()
         self.idempotency_ttl = idempotency_ttl
         self.contracts = contracts or registry
@@ -214,7 +219,10 @@ class MessageBus(PublishApi):
         if self._injector.needed:
             self._injector.build()  # fails here, before connecting, on a missing dependency
         transport = make_transport(
-            self.url, name=self.service, publish_timeout=self.publish_timeout
+            self.url,
+            name=self.service,
+            publish_timeout=self.publish_timeout,
+            ssl_context=self.ssl_context,
         )
         self._telemetry = Telemetry(
             self.service, "memory" if self.url.startswith("memory") else "rabbitmq"

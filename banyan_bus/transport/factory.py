@@ -6,23 +6,34 @@ Both transports are imported only when asked for, so a service on
 
 from __future__ import annotations
 
+import ssl
+
 from banyan_bus.errors import ConfigurationError
 from banyan_bus.transport.base import Transport
 from banyan_bus.transport.url import mask_url
 
 
-def make_transport(url: str, *, name: str, publish_timeout: float = 30.0) -> Transport:
+def make_transport(
+    url: str,
+    *,
+    name: str,
+    publish_timeout: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Transport:
     """The transport for ``url``'s scheme: ``amqp(s)://`` or ``memory://``.
 
     ``name`` names the connection on the broker (the management UI shows it);
-    ``publish_timeout`` is how long a publish waits for the broker's confirm.
+    ``publish_timeout`` is how long a publish waits for the broker's confirm;
+    ``ssl_context`` replaces the URL's TLS options (RabbitMQ only).
     Any other scheme raises ``ConfigurationError``.
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("amqp", "amqps"):
         from banyan_bus.transport.amqp import AmqpTransport
 
-        return AmqpTransport(url, name=name, publish_timeout=publish_timeout)
+        return AmqpTransport(
+            url, name=name, publish_timeout=publish_timeout, ssl_context=ssl_context
+        )
     if scheme == "memory":
         from banyan_bus.transport.memory import MemoryTransport
 

@@ -99,6 +99,15 @@ async def test_mutual_tls_needs_the_client_certificate(
     assert sorted(await _round_trip(url)) == [f"c{i}" for i in range(5)]
 
 
+async def test_a_bus_takes_an_ssl_context_built_in_code(
+    amqp_url: str, mtls_proxy: BrokerProxy, pki: Pki
+) -> None:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(pki.client_cert, pki.client_key)
+    url = mtls_proxy.url(amqp_url, "amqps")
+    assert sorted(await _round_trip(url, ssl_context=context)) == [f"c{i}" for i in range(5)]
+
+
 async def test_an_ssl_context_built_in_code(
     amqp_url: str, mtls_proxy: BrokerProxy, pki: Pki
 ) -> None:
