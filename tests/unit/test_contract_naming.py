@@ -86,5 +86,5 @@ def test_opting_out_is_explicit() -> None:
     assert InventoryLow.__message_type__ == "InventoryLow"
     with pytest.raises(ContractError, match="naming must be 'strict'"):
 
-        class ParcelLost(Event, naming="loose"):  # type: ignore[call-arg]
+        class ParcelMislaid(Event, naming="loose"):  # type: ignore[call-arg]
             x: int

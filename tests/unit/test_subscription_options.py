@@ -26,7 +26,7 @@ from banyan_bus.subscription import (
 )
 
 
-class LanternLit(Event):
+class TorchKindled(Event):
     lantern_id: str
 
 
@@ -34,7 +34,7 @@ class ExtinguishLantern(Command):
     lantern_id: str
 
 
-async def _noop(event: LanternLit) -> None:
+async def _noop(event: TorchKindled) -> None:
     return None
 
 
@@ -119,9 +119,9 @@ def test_from_options_refuses_unknown_names_and_lists_the_valid_ones() -> None:
 def test_class_decorators_check_their_options_when_the_class_is_defined() -> None:
     with pytest.raises(ConfigurationError, match="BadLanterns: prefetch must be an int"):
 
-        @EventHandler(LanternLit, prefetch=0)
+        @EventHandler(TorchKindled, prefetch=0)
         class BadLanterns:
-            async def handle(self, event: LanternLit) -> None: ...
+            async def handle(self, event: TorchKindled) -> None: ...
 
     with pytest.raises(HandlerError, match=r"Extinguisher: unknown option\(s\)"):
 
@@ -133,7 +133,7 @@ def test_class_decorators_check_their_options_when_the_class_is_defined() -> Non
 def test_bus_handler_refuses_unknown_options_at_the_decorator() -> None:
     bus = MessageBus("lanterns")
     with pytest.raises(HandlerError, match=r"unknown option\(s\) \['group'\]"):
-        bus.handler(LanternLit, group="x")
+        bus.handler(TorchKindled, group="x")
 
 
 async def test_every_way_of_subscribing_builds_the_same_subscription() -> None:
@@ -144,14 +144,14 @@ async def test_every_way_of_subscribing_builds_the_same_subscription() -> None:
         "max_length": 100,
     }
     by_call = MessageBus("lanterns")
-    await by_call.subscribe(LanternLit, _noop, subscription_group="g", **options)
+    await by_call.subscribe(TorchKindled, _noop, subscription_group="g", **options)
 
     by_decorator = MessageBus("lanterns")
-    by_decorator.handler(LanternLit, subscription_group="g", **options)(_noop)
+    by_decorator.handler(TorchKindled, subscription_group="g", **options)(_noop)
 
-    @EventHandler(LanternLit, subscription_group="g", **options)
+    @EventHandler(TorchKindled, subscription_group="g", **options)
     class Lanterns:
-        async def handle(self, event: LanternLit) -> None: ...
+        async def handle(self, event: TorchKindled) -> None: ...
 
     by_class = MessageBus("lanterns")
     by_class.include(Lanterns)
@@ -172,7 +172,7 @@ async def test_every_way_of_subscribing_builds_the_same_subscription() -> None:
         )
 
     assert shape(by_call) == shape(by_decorator) == shape(by_class)
-    assert shape(by_call)[:6] == ("g", "LanternLit", 3, 9, True, 7.0)
+    assert shape(by_call)[:6] == ("g", "TorchKindled", 3, 9, True, 7.0)
     assert shape(by_call)[6].queue_type == "classic"
     assert shape(by_call)[6].max_length == 100
 
@@ -180,7 +180,7 @@ async def test_every_way_of_subscribing_builds_the_same_subscription() -> None:
 async def test_the_bus_fills_in_what_the_options_leave_open() -> None:
     policy = RetryPolicy(immediate=2, delayed=0)
     bus = MessageBus("lanterns", queue_type="classic", handler_timeout=5, retry=policy)
-    sub = await bus.subscribe(LanternLit, _noop, idempotent=True)
+    sub = await bus.subscribe(TorchKindled, _noop, idempotent=True)
     assert sub.group == "lanterns"
     assert sub.queue.queue_type == "classic"
     assert sub.timeout == 5
@@ -190,7 +190,7 @@ async def test_the_bus_fills_in_what_the_options_leave_open() -> None:
 
     own = RetryPolicy.none()
     sub = await bus.subscribe(
-        LanternLit, _noop, subscription_group="own", queue_type="quorum", timeout=None, retry=own
+        TorchKindled, _noop, subscription_group="own", queue_type="quorum", timeout=None, retry=own
     )
     assert (sub.queue.queue_type, sub.timeout, sub.retry, sub.dedup) == ("quorum", None, own, None)
 
@@ -198,13 +198,13 @@ async def test_the_bus_fills_in_what_the_options_leave_open() -> None:
 async def test_handlers_of_one_group_must_agree_on_the_queue() -> None:
     bus = MessageBus("lanterns")
 
-    async def other(event: LanternLit) -> None:
+    async def other(event: TorchKindled) -> None:
         return None
 
-    await bus.subscribe(LanternLit, _noop, queue_type="classic")
+    await bus.subscribe(TorchKindled, _noop, queue_type="classic")
     with pytest.raises(ConfigurationError, match="share its queue, so they must agree"):
-        await bus.subscribe(LanternLit, other, queue_type="quorum")
-    sub = await bus.subscribe(LanternLit, other, queue_type="classic")
+        await bus.subscribe(TorchKindled, other, queue_type="quorum")
+    sub = await bus.subscribe(TorchKindled, other, queue_type="classic")
     assert [h.name.rsplit(".", 1)[-1] for h in sub.handlers] == ["_noop", "other"]
 
 
