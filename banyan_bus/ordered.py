@@ -78,7 +78,9 @@ class OrderedStreamConsumer:
         prefetch = max(sub.prefetch for sub in subs)
         for queue in subs[0].queue_names:
             self._consumers.append(
-                await self._transport.consume(queue, self._on_delivery, prefetch=prefetch)
+                await self._transport.consume(
+                    queue, self._on_delivery, prefetch=prefetch, cancel_on_loss=True
+                )
             )
 
     async def stop_consuming(self) -> None:

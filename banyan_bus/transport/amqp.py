@@ -375,7 +375,14 @@ class AmqpTransport(Transport):
 
     # -- consume --------------------------------------------------------------------
 
-    async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
+    async def consume(
+        self,
+        queue: str,
+        callback: DeliveryCallback,
+        *,
+        prefetch: int,
+        cancel_on_loss: bool = False,
+    ) -> Consumer:
         # One channel per consumed queue (each its own prefetch). aiormq numbers channels
         # past the broker's negotiated channel_max, and RabbitMQ answers that by closing the
         # whole connection: every subscription and publish of the process would go with it.
@@ -394,7 +401,7 @@ class AmqpTransport(Transport):
         if not await self.queue_state(queue):
             await channel.close()
             raise TopologyError(f"cannot consume {queue!r}: the queue does not exist")
-        consumer = AmqpConsumer(queue, callback, channel, self)
+        consumer = AmqpConsumer(queue, callback, channel, self, cancel_on_loss=cancel_on_loss)
         await consumer.start()
         self._consumers.add(consumer)
         return consumer

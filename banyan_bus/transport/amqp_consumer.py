@@ -102,10 +102,18 @@ class AmqpDelivery(Delivery):
 class AmqpConsumer(Consumer):
     """One basic.consume, on a robust channel of its own, renewed whenever it reopens.
 
-    Deliveries go from aiormq's per-delivery task straight to the callback
-    (aio-pika's consumer wrapper would build a message object and start a
-    second task per delivery). With ``no_ack`` (direct reply-to) the broker
-    settles on arrival, so deliveries get no settler.
+    By default each delivery runs in a task of its own, started from aiormq's
+    per-delivery task (aio-pika's consumer wrapper would also build a message
+    object). Not in aiormq's task itself: aiormq cancels its tasks when the
+    connection closes, and a handler cancelled after its side effect but before its
+    idempotency key was recorded as done would release the key and run again on the
+    redelivery (a double side effect under ``idempotent=True``). A handler outlives
+    a lost connection instead: it finishes, records its key, its settle fails
+    harmlessly, and the broker's redelivery finds the key done. With
+    ``cancel_on_loss`` the callback runs in aiormq's task, cancelled with the
+    connection at once: an ordered stream needs that, since another instance takes
+    over its keys. Either way tasks start in delivery order. With ``no_ack``
+    (direct reply-to) the broker settles on arrival, so deliveries get no settler.
     """
 
     def __init__(
@@ -116,9 +124,11 @@ class AmqpConsumer(Consumer):
         transport: AmqpTransport,
         *,
         no_ack: bool = False,
+        cancel_on_loss: bool = False,
     ) -> None:
         self._queue = queue
         self._no_ack = no_ack
+        self._cancel_on_loss = cancel_on_loss
         self._callback = callback
         self._channel = channel
         self._transport = transport
@@ -127,6 +137,7 @@ class AmqpConsumer(Consumer):
         self._underlay: aiormq.abc.AbstractChannel | None = None
         self._settler: ChannelSettler | None = None
         self._taking = False  # basic.consume answered, and the broker has not cancelled it
+        self._running: set[asyncio.Future[None]] = set()  # strong references until done
 
     async def start(self) -> None:
         await self._consume()
@@ -136,14 +147,23 @@ class AmqpConsumer(Consumer):
         underlay = await self._channel.get_underlay_channel()
         settler = None if self._no_ack else ChannelSettler(underlay)
         callback = self._callback
+        running = self._running
 
         async def on_message(message: DeliveredMessage) -> None:
+            task = asyncio.ensure_future(callback(AmqpDelivery(message, settler)))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+        async def on_message_cancelled_on_loss(message: DeliveredMessage) -> None:
             await callback(AmqpDelivery(message, settler))
 
         underlay.on_consumer_cancel_callbacks.add(self._broker_cancelled)
         self._underlay, self._settler = underlay, settler
         await underlay.basic_consume(
-            self._queue, on_message, consumer_tag=self._tag, no_ack=self._no_ack
+            self._queue,
+            on_message_cancelled_on_loss if self._cancel_on_loss else on_message,
+            consumer_tag=self._tag,
+            no_ack=self._no_ack,
         )
         self._taking = True
 

@@ -251,11 +251,19 @@ class Transport(ABC):
         callback: DeliveryCallback,
         *,
         prefetch: int,
+        cancel_on_loss: bool = False,
     ) -> Consumer:
         """Start delivering ``queue``'s messages to ``callback``.
 
         At most ``prefetch`` deliveries are unsettled at once. The callback runs
         in its own task per delivery; it must settle the delivery.
+
+        When the connection is lost, the broker hands the unsettled deliveries to
+        another consumer. By default a running callback finishes anyway (its
+        settle then fails with ``SettleError``): a handler stopped after its side
+        effect, before an idempotency key was recorded, would run twice.
+        ``cancel_on_loss=True`` cancels running callbacks at once instead, for
+        consumers whose order another instance continues (ordered streams).
         """
 
     @abstractmethod

@@ -143,7 +143,14 @@ class MemoryTransport(Transport):
                 f"{routing_key!r}. Slow the publisher or drain the queue."
             )
 
-    async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
+    async def consume(
+        self,
+        queue: str,
+        callback: DeliveryCallback,
+        *,
+        prefetch: int,
+        cancel_on_loss: bool = False,  # an in-process broker's connection is never lost
+    ) -> Consumer:
         connection = self._open()
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0 (0 = unlimited), got {prefetch}")
