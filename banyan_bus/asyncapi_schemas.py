@@ -20,7 +20,6 @@ from banyan_bus.contracts import Message
 from banyan_bus.envelope import EnvelopeHeader
 
 SCHEMAS = "#/components/schemas/"
-_SCHEMAS = SCHEMAS
 _COMPONENT_KEY = re.compile(r"[^\w.\-]")
 
 
@@ -64,8 +63,8 @@ def _rewrite_refs(node: Any, renames: dict[str, str]) -> Any:
     if isinstance(node, dict):
         out = {k: _rewrite_refs(v, renames) for k, v in node.items()}
         ref = out.get("$ref")
-        if isinstance(ref, str) and ref.startswith(_SCHEMAS):
-            out["$ref"] = _SCHEMAS + renames.get(ref[len(_SCHEMAS) :], ref[len(_SCHEMAS) :])
+        if isinstance(ref, str) and ref.startswith(SCHEMAS):
+            out["$ref"] = SCHEMAS + renames.get(ref[len(SCHEMAS) :], ref[len(SCHEMAS) :])
         return out
     if isinstance(node, list):
         return [_rewrite_refs(v, renames) for v in node]
@@ -106,7 +105,7 @@ def _require_trace_context(components: dict[str, Any]) -> None:
     """
     header, trace = components["EnvelopeHeader"], components["TraceContext"]
     header["properties"]["traceContext"] = {
-        "$ref": _SCHEMAS + "TraceContext",
+        "$ref": SCHEMAS + "TraceContext",
         "description": "W3C trace context; always present.",
     }
     header["required"] = [*header.get("required", []), "traceContext"]
@@ -125,7 +124,7 @@ class Schemas:
         refs, top = models_json_schema(
             [(m, "serialization") for m in unique],
             by_alias=True,
-            ref_template=_SCHEMAS + "{model}",
+            ref_template=SCHEMAS + "{model}",
             schema_generator=_WireJsonSchema,
         )
         defs: dict[str, Any] = top.get("$defs", {})

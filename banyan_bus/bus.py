@@ -151,7 +151,6 @@ class MessageBus(PublishApi):
         self._transport: Transport | None = None
         self._injector = Injector(providers, {MessageBus: self})
         self._telemetry = Telemetry(self.service, "memory")
-        self._requester: Requester | None = None
         self._publisher: Publisher | None = None
         self._started = False
         self._state: BusState = "stopped"
@@ -229,12 +228,11 @@ class MessageBus(PublishApi):
         )
         await transport.connect()
         self._transport = transport
-        self._requester = Requester(transport)
         self._publisher = Publisher(
             service=self.service,
             transport=transport,
             telemetry=self._telemetry,
-            requester=self._requester,
+            requester=Requester(transport),
             max_message_size=self.max_message_size,
             middleware=self.middleware,
             ensure_delays=self._in.ensure_delays,
@@ -267,7 +265,6 @@ class MessageBus(PublishApi):
         grace = self.grace_period if grace_period is None else grace_period
         engines = await self._in.stop_consuming()
         abandoned = await self._in.drain(engines, grace)
-        self._requester = None
         self._publisher = None
         if abandoned:
             # Abandoned handlers are still running in tasks the AMQP client waits for

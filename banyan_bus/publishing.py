@@ -188,7 +188,7 @@ class Publisher:
                 service_name=self._service,
                 priority=priority,
                 headers=extra,
-                trace_context=Telemetry.trace_context(span, extra),
+                trace_context=Telemetry.trace_context(span, extra, ctx),
                 max_size=self._max_size,
             )
             if span is not None:
@@ -246,7 +246,7 @@ class Publisher:
                 correlation_id=ctx.correlation_id if ctx else None,
                 causation_id=ctx.id if ctx else None,
                 headers=headers,
-                trace_context=Telemetry.trace_context(span, headers),
+                trace_context=Telemetry.trace_context(span, headers, ctx),
                 max_size=self._max_size,
             )
             try:
@@ -271,7 +271,6 @@ class PublishApi:
     contracts: ContractRegistry
     pinned_contracts: dict[str, type[Message]]
     _publisher: Publisher | None
-    _requester: Requester | None
 
     # -- commands and queries --------------------------------------------------------
 
@@ -297,8 +296,6 @@ class PublishApi:
     async def _request(self, message: Message, timeout: float, result_type: Any) -> Any:
         if timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
-        if self._requester is None:
-            raise RuntimeError(f"{self!r} is not started: use `async with bus:` first")
         return await self._started_publisher().request(message, timeout, result_type)
 
     # -- publish --------------------------------------------------------------------

@@ -23,7 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from banyan_bus.context import MessageContext, current_context
+from banyan_bus.context import MessageContext
 from banyan_bus.envelope import HEADER_TRACEPARENT, HEADER_TRACESTATE, TraceContext
 from banyan_bus.transport.base import Headers
 
@@ -150,16 +150,19 @@ class Telemetry:
             yield span
 
     @staticmethod
-    def trace_context(span: Span | None, headers: Headers) -> dict[str, str]:
+    def trace_context(
+        span: Span | None, headers: Headers, handling: MessageContext | None
+    ) -> dict[str, str]:
         """The envelope's ``traceContext`` for a publish: always a valid W3C context.
 
         The platform's envelope always carries one, and its TypeScript services read
         ``env.traceContext.traceId`` unguarded, so there is one with or without an
         OpenTelemetry SDK. With a recording (or propagated) span, it is that span's.
-        Without one, a publish inside a handler continues the incoming trace (same
-        trace id and flags, a new span id) so the trace survives a Python hop; any
-        other publish starts a trace. ``headers`` gets the matching ``traceparent``
-        when the SDK did not already write one.
+        Without one, a publish inside a handler (``handling``: the context of the
+        message being handled, which the caller has already looked up) continues the
+        incoming trace (same trace id and flags, a new span id) so the trace survives
+        a Python hop; any other publish starts a trace. ``headers`` gets the matching
+        ``traceparent`` when the SDK did not already write one.
         """
         if span is not None:
             sc = span.get_span_context()
@@ -169,7 +172,7 @@ class Telemetry:
                     "spanId": format(sc.span_id, "016x"),
                     "traceFlags": format(int(sc.trace_flags), "02x"),
                 }
-        parent = _incoming_trace(current_context())
+        parent = _incoming_trace(handling)
         trace_id, flags = parent if parent is not None else (os.urandom(16).hex(), "01")
         span_id = os.urandom(8).hex()
         headers.setdefault(HEADER_TRACEPARENT, f"00-{trace_id}-{span_id}-{flags}")

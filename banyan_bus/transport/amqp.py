@@ -99,7 +99,6 @@ class AmqpTransport(Transport):
         # Several comma-separated URLs name the nodes of one cluster.
         given = [u.strip() for u in url.split(",") if u.strip()]
         self._urls = [with_heartbeat(u) for u in given]
-        self._url = self._urls[0] if self._urls else url
         self.display_url = ",".join(mask_url(u) for u in given) or mask_url(url)
         self._display_urls = [mask_url(u) for u in given]
         self._reconnect_interval = reconnect_interval

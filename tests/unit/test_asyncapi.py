@@ -200,7 +200,7 @@ def test_a_real_envelope_validates_against_its_message_payload() -> None:
         user_id="usr_1", email="a@example.com", name="A", created_at=datetime.now(UTC)
     )
     # As the bus encodes it: a traceContext is always there (Telemetry.trace_context).
-    trace = Telemetry.trace_context(None, {})
+    trace = Telemetry.trace_context(None, {}, None)
     body = json.loads(encode(event, service_name="user-service", trace_context=trace).body)
     v1 = payload_validator(document, "UserCreated.v1")
     v1.validate(body)

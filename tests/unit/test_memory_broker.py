@@ -9,7 +9,6 @@ the ``close_all_connections`` fault hook, and what the emulator refuses to fake.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +16,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from banyan_bus.errors import ConfigurationError, TopologyError
-from banyan_bus.transport.base import Delivery, OutgoingMessage
 from banyan_bus.transport.memory import (
     MemoryDelivery,
     MemoryTransport,
@@ -26,6 +24,7 @@ from banyan_bus.transport.memory import (
     topic_matches,
 )
 from banyan_bus.transport.memory.queue import Message, Queue
+from tests.transport.seam import Collector, msg
 
 TIMEOUT = 2.0
 
@@ -40,35 +39,6 @@ async def transport() -> AsyncIterator[MemoryTransport]:
     await t.connect()
     yield t
     await t.close()
-
-
-def msg(body: bytes | str = b"x", **kwargs: object) -> OutgoingMessage:
-    data = body.encode() if isinstance(body, str) else body
-    return OutgoingMessage(body=data, message_id=data.decode(), **kwargs)  # type: ignore[arg-type]
-
-
-class Collector:
-    """A consumer callback that records deliveries and (optionally) acks them."""
-
-    def __init__(self, ack: bool = True) -> None:
-        self.ack = ack
-        self.deliveries: list[Delivery] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, delivery: Delivery) -> None:
-        self.deliveries.append(delivery)
-        self._changed.set()
-        if self.ack:
-            await delivery.ack()
-
-    async def wait_for(self, count: int, within: float = TIMEOUT) -> list[Delivery]:
-        async def until() -> None:
-            while len(self.deliveries) < count:
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(until(), within)
-        return self.deliveries
 
 
 async def queue_with_exchange(t: MemoryTransport, queue: str, exchange: str, key: str) -> None:
