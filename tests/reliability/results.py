@@ -56,13 +56,19 @@ _ROW = re.compile(r"^\| (.+?) \| (.*) \|$", re.M)
 _TITLE = re.compile(r"^### (.+)$", re.M)
 
 
+def _order(key: str) -> tuple[int, str]:
+    """Scenarios in their number's order (``2-...`` before ``10-...``), then by name."""
+    number = re.match(r"\d+", key)
+    return (int(number.group()) if number else sys.maxsize, key)
+
+
 def summary(scenarios: dict[str, str]) -> str:
     """One line per scenario: lost, duplicates, bound, recovery, RSS, result."""
     lines = [
         "| scenario | " + " | ".join(h for h, _ in SUMMARY) + " |",
         "|---" * (len(SUMMARY) + 1) + "|",
     ]
-    for key in sorted(scenarios):
+    for key in sorted(scenarios, key=_order):
         block = scenarios[key]
         rows = dict(_ROW.findall(block))
         title = _TITLE.search(block)
@@ -77,7 +83,11 @@ def summary(scenarios: dict[str, str]) -> str:
 
 
 def render(scenarios: dict[str, str]) -> str:
-    return HEADER + summary(scenarios) + "".join(f"\n{scenarios[k]}\n" for k in sorted(scenarios))
+    return (
+        HEADER
+        + summary(scenarios)
+        + "".join(f"\n{scenarios[k]}\n" for k in sorted(scenarios, key=_order))
+    )
 
 
 def merge(path: Path, new: dict[str, str]) -> None:
