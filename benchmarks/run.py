@@ -1,11 +1,13 @@
-"""banyan_bus against raw aio-pika and FastStream, side by side, in one command::
+"""banyan_bus against raw aiormq, raw aio-pika and FastStream, side by side, in one command::
 
     python benchmarks/run.py [--rounds 3] [--quick] [--only WORKLOAD] [--out FILE]
 
-Each workload runs for every implementation, interleaved (raw, faststream, banyan,
-raw, faststream, banyan, ...), each run a fresh ``python benchmarks/workloads.py``
-process on a vhost of its own. Reported: medians over the rounds, the ratio to raw
-aio-pika, and client CPU µs per message (steadier than msg/s on a shared machine).
+Each workload runs for every implementation, interleaved (aiormq, raw, faststream,
+banyan, aiormq, raw, ...), each run a fresh ``python benchmarks/workloads.py`` process
+on a vhost of its own. Reported: medians over the rounds, the ratios to raw aiormq
+(the floor) and to raw aio-pika, and client CPU µs per message (steadier than msg/s on
+a shared machine). The memory section (``--only memory``: ``benchmarks/memory.py``)
+reports KiB per in-flight message and per idle subscription, banyan against aiormq.
 A run that fails its own correctness check is printed loudly, never counted, and
 makes this command exit 1.
 """
@@ -39,7 +41,8 @@ sys.path.insert(0, str(HERE))
 import vhosts  # noqa: E402
 
 RESULT_MARK = "BENCH_RESULT "
-IMPLS = ("raw", "faststream", "banyan")
+IMPLS = ("aiormq", "raw", "faststream", "banyan")
+FLOOR = "aiormq"  # every figure is also a ratio to raw aiormq
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,10 @@ class Workload:
     args: tuple[str, ...] = ()
     impls: tuple[str, ...] = IMPLS
     target: str = ""
-    kind: str = "throughput"  # or "latency", "scaling"
+    kind: str = "throughput"  # or "latency", "scaling", "memory"
 
+
+MEMORY_IMPLS = ("aiormq", "banyan")
 
 WORKLOADS = (
     Workload(
@@ -126,6 +131,36 @@ WORKLOADS = (
         target="w2 ≥ 1.6x w1",
         kind="scaling",
     ),
+    # memory.py: n is the prefetch (held messages) or the number of idle subscriptions
+    Workload(
+        "memory-inflight-1k",
+        "RSS per in-flight message, 1 KiB payload, prefetch 1000",
+        "inflight",
+        1000,
+        200,
+        ("--payload-bytes", "1024"),
+        impls=MEMORY_IMPLS,
+        kind="memory",
+    ),
+    Workload(
+        "memory-inflight-256k",
+        "RSS per in-flight message, 256 KiB payload, prefetch 1000",
+        "inflight",
+        1000,
+        100,
+        ("--payload-bytes", str(256 * 1024)),
+        impls=MEMORY_IMPLS,
+        kind="memory",
+    ),
+    Workload(
+        "memory-idle",
+        "RSS per idle subscription (200 on RabbitMQ)",
+        "idle",
+        200,
+        20,
+        impls=MEMORY_IMPLS,
+        kind="memory",
+    ),
 )
 
 
@@ -142,6 +177,9 @@ class Run:
 
 def command(w: Workload, impl: str, quick: bool, queue_type: str) -> list[str]:
     n = w.quick_n if quick else w.n
+    if w.kind == "memory":
+        cmd = [sys.executable, str(HERE / "memory.py"), impl, w.cmd, "--n", str(n)]
+        return [*cmd, "--queue-type", queue_type, *w.args]
     cmd = [sys.executable, str(HERE / "workloads.py")]
     if w.kind == "scaling":
         cmd += ["banyan", w.cmd, "--workers", impl[1:]]
@@ -274,6 +312,12 @@ def describe(run: Run) -> str:
     r = run.result
     if not run.ok:
         return f"FAILED: {run.error.splitlines()[0] if run.error else '?'}"
+    if "kib_per_unit" in r:
+        text = f"{r['kib_per_unit']:9.1f} KiB per {r['unit']}"
+        if "beyond_body_kib" in r:
+            text += f" ({r['beyond_body_kib']:.1f} beyond its {r['body_bytes']:,}-byte body)"
+        rss = f"RSS {r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f} MiB"
+        return f"{text}  {rss}  ({run.wall_s:.1f}s)"
     text = f"{r['rate']:>9,.0f} msg/s  {r['cpu_us_per_msg']:6.0f} µs/msg"
     broker = r.get("broker_cpu_us_per_msg")
     if broker is not None and broker == broker:  # not NaN
@@ -292,6 +336,9 @@ def median(values: list[float]) -> float | None:
 def summarize(runs: list[Run], selected: list[Workload]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for w in selected:
+        if w.kind == "memory":
+            rows.extend(_summarize_memory(runs, w))
+            continue
         base_impl = "w1" if w.kind == "scaling" else "raw"
         stats: dict[str, dict[str, Any]] = {}
         for impl in w.impls:
@@ -315,15 +362,53 @@ def summarize(runs: list[Run], selected: list[Workload]) -> list[dict[str, Any]]
                     s[key] = median([r[key] for r in ok])
             stats[impl] = s
         base = stats.get(base_impl, {})
+        floor = stats.get(FLOOR, {})
         for impl, s in stats.items():
-            row = {"workload": w.key, "title": w.title, "impl": impl, "target": w.target, **s}
-            if s["rate"] and base.get("rate"):
-                row["ratio"] = s["rate"] / base["rate"]
-            if s["cpu_us_per_msg"] and base.get("cpu_us_per_msg"):
-                row["cpu_ratio"] = s["cpu_us_per_msg"] / base["cpu_us_per_msg"]
+            row = {
+                "workload": w.key,
+                "title": w.title,
+                "kind": w.kind,
+                "impl": impl,
+                "target": w.target,
+                **s,
+            }
+            for suffix, ref in (("", base), ("_aiormq", floor)):
+                if s["rate"] and ref.get("rate"):
+                    row[f"ratio{suffix}"] = s["rate"] / ref["rate"]
+                if s["cpu_us_per_msg"] and ref.get("cpu_us_per_msg"):
+                    row[f"cpu_ratio{suffix}"] = s["cpu_us_per_msg"] / ref["cpu_us_per_msg"]
             if "p99_ms" in s and "p99_ms" in base:
                 row["p99_delta_ms"] = s["p99_ms"] - base["p99_ms"]
             rows.append(row)
+    return rows
+
+
+def _summarize_memory(runs: list[Run], w: Workload) -> list[dict[str, Any]]:
+    """Medians of KiB per unit (in-flight message or idle subscription); against aiormq."""
+    stats: dict[str, dict[str, Any]] = {}
+    for impl in w.impls:
+        ok = [r.result for r in runs if r.workload == w.key and r.impl == impl and r.ok]
+        failed = sum(1 for r in runs if r.workload == w.key and r.impl == impl and not r.ok)
+        s: dict[str, Any] = {
+            "runs": len(ok),
+            "failed": failed,
+            "unit": ok[0]["unit"] if ok else None,
+            "count": ok[0]["count"] if ok else None,
+            "kib_per_unit": median([r["kib_per_unit"] for r in ok]),
+        }
+        if ok and "body_bytes" in ok[0]:
+            s["body_bytes"] = ok[0]["body_bytes"]
+            s["payload_bytes"] = ok[0]["payload_bytes"]
+            s["beyond_body_kib"] = median([r["beyond_body_kib"] for r in ok])
+        stats[impl] = s
+    floor = stats.get(FLOOR, {})
+    rows = []
+    for impl, s in stats.items():
+        row = {"workload": w.key, "title": w.title, "kind": w.kind, "impl": impl, **s}
+        if s["kib_per_unit"] is not None and floor.get("kib_per_unit"):
+            row["ratio_aiormq"] = s["kib_per_unit"] / floor["kib_per_unit"]
+            row["delta_aiormq_kib"] = s["kib_per_unit"] - floor["kib_per_unit"]
+        rows.append(row)
     return rows
 
 
@@ -331,77 +416,139 @@ def fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    headers = [
-        "workload",
-        "impl",
-        "msg/s",
-        "x raw",
-        "CPU µs/msg",
-        "CPU x raw",
-        "broker µs/msg",
-        "p50/p99/max ms",
-        "target",
-        "runs",
+def _latency(r: dict[str, Any], sep: str) -> str:
+    if "p99_ms" not in r:
+        return ""
+    lat = sep.join((f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['max_ms']:.1f}"))
+    return lat
+
+
+def _runs(r: dict[str, Any]) -> str:
+    return f"{r['runs']}" + (f" ({r['failed']} FAILED)" if r["failed"] else "")
+
+
+SPEED_HEADERS = [
+    "workload",
+    "impl",
+    "msg/s",
+    "x aiormq",
+    "x raw",
+    "CPU µs/msg",
+    "CPU x aiormq",
+    "CPU x raw",
+    "broker µs/msg",
+    "p50/p99/max ms",
+    "target",
+    "runs",
+]
+MEMORY_HEADERS = [
+    "workload",
+    "impl",
+    "KiB per unit",
+    "x aiormq",
+    "KiB over aiormq",
+    "body bytes",
+    "beyond body KiB",
+    "unit",
+    "runs",
+]
+
+
+def _speed_cells(r: dict[str, Any]) -> list[str]:
+    lat = _latency(r, "/")
+    if "p99_delta_ms" in r and r["impl"] != "raw":
+        lat += f" (p99 {r['p99_delta_ms']:+.2f})"
+    return [
+        r["workload"],
+        r["impl"],
+        fmt(r["rate"], ",.0f"),
+        fmt(r.get("ratio_aiormq"), ".2f"),
+        fmt(r.get("ratio"), ".2f"),
+        fmt(r["cpu_us_per_msg"], ".0f"),
+        fmt(r.get("cpu_ratio_aiormq"), ".2f"),
+        fmt(r.get("cpu_ratio"), ".2f"),
+        fmt(r.get("broker_cpu_us_per_msg"), ".0f"),
+        lat,
+        r["target"],
+        _runs(r),
     ]
-    table: list[list[str]] = []
-    for r in rows:
-        if "p99_ms" in r:
-            lat = f"{r['p50_ms']:.2f}/{r['p99_ms']:.2f}/{r['max_ms']:.1f}"
-            if "p99_delta_ms" in r and r["impl"] != "raw":
-                lat += f" (p99 {r['p99_delta_ms']:+.2f})"
-        else:
-            lat = ""
-        ratio = fmt(r.get("ratio"), ".2f")
-        runs = f"{r['runs']}" + (f" ({r['failed']} FAILED)" if r["failed"] else "")
-        table.append(
-            [
-                r["workload"],
-                r["impl"],
-                fmt(r["rate"], ",.0f"),
-                ratio,
-                fmt(r["cpu_us_per_msg"], ".0f"),
-                fmt(r.get("cpu_ratio"), ".2f"),
-                fmt(r.get("broker_cpu_us_per_msg"), ".0f"),
-                lat,
-                r["target"],
-                runs,
-            ]
-        )
+
+
+def _memory_cells(r: dict[str, Any]) -> list[str]:
+    return [
+        r["workload"],
+        r["impl"],
+        fmt(r["kib_per_unit"], ".1f"),
+        fmt(r.get("ratio_aiormq"), ".2f"),
+        fmt(r.get("delta_aiormq_kib"), "+.1f"),
+        fmt(r.get("body_bytes"), ","),
+        fmt(r.get("beyond_body_kib"), ".1f"),
+        f"{r['unit'] or '—'} (x{r['count']})" if r.get("count") else (r["unit"] or "—"),
+        _runs(r),
+    ]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    speed = [_speed_cells(r) for r in rows if r.get("kind") != "memory"]
+    memory = [_memory_cells(r) for r in rows if r.get("kind") == "memory"]
+    if speed:
+        title = "banyan_bus vs raw aiormq, raw aio-pika, FastStream (medians)"
+        _print(title, SPEED_HEADERS, speed)
+    if memory:
+        title = "memory: RSS per in-flight message / idle subscription (medians)"
+        _print(title, MEMORY_HEADERS, memory)
+
+
+def _print(title: str, headers: list[str], table: list[list[str]]) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
+        print(title)
         widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
         print("  ".join(h.ljust(wd) for h, wd in zip(headers, widths, strict=True)))
         for row in table:
             print("  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)))
         return
-    t = Table(title="banyan_bus vs raw aio-pika vs FastStream (medians)")
+    t = Table(title=title)
     for h in headers:
-        t.add_column(h, justify="left" if h in ("workload", "impl", "target") else "right")
+        t.add_column(h, justify="left" if h in ("workload", "impl", "target", "unit") else "right")
     for row in table:
         t.add_row(*row)
-    Console(width=160).print(t)
+    Console(width=180).print(t)
 
 
 def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
-    """The summary as a Markdown table (for benchmarks/README.md)."""
+    """The summary as Markdown tables (for benchmarks/README.md)."""
     lines = [
-        "| workload | impl | msg/s | ratio to raw | client CPU µs/msg | CPU ratio to raw "
-        "| broker CPU µs/msg | p50 / p99 / max ms | target |",
-        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+        "| workload | impl | msg/s | vs aiormq | vs raw | client CPU µs/msg | CPU vs aiormq "
+        "| CPU vs raw | broker CPU µs/msg | p50 / p99 / max ms | target |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
-        lat = ""
-        if "p99_ms" in r:
-            lat = f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} / {r['max_ms']:.1f}"
+        if r.get("kind") == "memory":
+            continue
         lines.append(
             f"| {r['workload']} | {r['impl']} | {fmt(r['rate'], ',.0f')} "
-            f"| {fmt(r.get('ratio'), '.2f')} | {fmt(r['cpu_us_per_msg'], '.0f')} "
+            f"| {fmt(r.get('ratio_aiormq'), '.2f')} | {fmt(r.get('ratio'), '.2f')} "
+            f"| {fmt(r['cpu_us_per_msg'], '.0f')} | {fmt(r.get('cpu_ratio_aiormq'), '.2f')} "
             f"| {fmt(r.get('cpu_ratio'), '.2f')} | {fmt(r.get('broker_cpu_us_per_msg'), '.0f')} "
-            f"| {lat} | {r['target']} |"
+            f"| {_latency(r, ' / ')} | {r['target']} |"
         )
+    memory = [r for r in rows if r.get("kind") == "memory"]
+    if memory:
+        if len(lines) == 2:
+            lines = []
+        else:
+            lines.append("")
+        lines += [
+            "| workload | impl | KiB per unit | vs aiormq | KiB over aiormq | body bytes "
+            "| beyond body KiB | unit |",
+            "|---|---|--:|--:|--:|--:|--:|---|",
+        ]
+        for r in memory:
+            cells = _memory_cells(r)[:-1]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

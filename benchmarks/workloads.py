@@ -4,8 +4,9 @@
 
     python benchmarks/workloads.py IMPL WORKLOAD --n N [options]
 
-IMPL is ``raw`` (hand-written aio-pika best practice), ``faststream`` (RabbitBroker,
-pydantic-typed subscriber) or ``banyan`` (banyan_bus). WORKLOAD is one of:
+IMPL is ``aiormq`` (hand-written raw aiormq: the floor), ``raw`` (hand-written aio-pika
+best practice), ``faststream`` (RabbitBroker, pydantic-typed subscriber) or ``banyan``
+(banyan_bus). WORKLOAD is one of:
 
 * ``publish-seq``   publish N with confirms, awaiting each;
 * ``publish-pipe``  publish N with confirms, ``--window`` (500) in flight (gather per window);
@@ -64,7 +65,7 @@ GROUP = "bench"  # banyan: the subscription group; its queue is named below
 BANYAN_QUEUE = f"exchange.platform.events.{GROUP}.{ROUTING_KEY}"
 BANYAN_DLQ = f"dlq.{BANYAN_QUEUE}"
 PAYLOAD_BYTES = 1024
-IMPLS = ("raw", "faststream", "banyan")
+IMPLS = ("aiormq", "raw", "faststream", "banyan")
 WORKLOADS = ("publish-seq", "publish-pipe", "consume", "latency", "io", "workers")
 HELPERS = ("_prepare", "_verify", "_worker")  # run in their own processes (see below)
 EXIT_FAILED, EXIT_INFRA = 1, 2  # a wrong or broken run / the broker's admin API failed
@@ -128,14 +129,21 @@ class Payload(BaseModel):
 
 _RUN_ID = uuid.uuid4().hex[:12]
 _BASE = {"source": "benchmarks", "tags": ["bench", "load", "json"]}
-_PAD = "x" * (
-    PAYLOAD_BYTES
-    - len(
-        Payload(seq=0, uid=f"{_RUN_ID}-{0:08d}", sent_at=time.time(), data="", **_BASE)
-        .model_dump_json()
-        .encode()
-    )
-)
+
+
+def _pad(size: int) -> str:
+    """The padding that makes a payload ``size`` bytes of JSON."""
+    head = Payload(seq=0, uid=f"{_RUN_ID}-{0:08d}", sent_at=time.time(), data="", **_BASE)
+    return "x" * max(0, size - len(head.model_dump_json().encode()))
+
+
+_PAD = _pad(PAYLOAD_BYTES)
+
+
+def set_payload_bytes(size: int) -> None:
+    """Make every payload this process sends ``size`` bytes of JSON (memory.py's 256 KiB)."""
+    global _PAD
+    _PAD = _pad(size)
 
 
 def fields(seq: int, sent_at: float = 0.0) -> dict[str, Any]:
@@ -310,7 +318,7 @@ async def drain_and_verify(url: str, queue: str, n: int, seq_of: Callable[[Any],
     await expect_empty(url, [queue])
 
 
-# -- the three implementations ---------------------------------------------------------------
+# -- the four implementations ---------------------------------------------------------------
 
 
 class Impl:
@@ -387,6 +395,88 @@ class Raw(Impl):
             yield pub
             if q is not None and tag is not None:
                 await q.cancel(tag)
+        finally:
+            await conn.close()
+
+
+class Aiormq(Impl):
+    """The floor: raw aiormq (the AMQP client under aio-pika and banyan_bus) as a careful
+    user writes it. One connection; a channel with publisher confirms, ``basic_publish``
+    of persistent messages awaiting each confirm (aiormq's defaults otherwise: it also
+    waits for the socket to drain); a consumer channel with the prefetch set,
+    ``basic_consume`` with manual acks, ``Model.model_validate_json(message.body)`` and
+    one ``basic_ack`` per delivery. aiormq runs each delivery's callback in a task of its
+    own, so the prefetch bounds the handlers, as for raw aio-pika.
+
+    One ack per delivery, not ``multiple=True``: a multiple ack is only right once every
+    lower tag is handled, which takes the bookkeeping banyan_bus's ``ChannelSettler``
+    does; by hand a user acks each delivery (aiormq has no batching of its own).
+    """
+
+    name = "aiormq"
+
+    @contextlib.asynccontextmanager
+    async def session(self, consume: ConsumeSpec | None, publish: bool) -> AsyncIterator[Any]:
+        import aiormq
+        from pamqp.commands import Basic
+
+        conn = await aiormq.connect(self.url)
+        try:
+            pub = None
+            if publish:
+                ch = await conn.channel(publisher_confirms=True)
+
+                async def pub(seq: int) -> Any:
+                    payload = Payload(**fields(seq, time.time()))
+                    properties = Basic.Properties(
+                        content_type="application/json",
+                        delivery_mode=2,  # persistent
+                        message_id=payload.uid,
+                    )
+                    return await ch.basic_publish(
+                        payload.model_dump_json().encode(),
+                        exchange=EXCHANGE,
+                        routing_key=ROUTING_KEY,
+                        properties=properties,
+                    )
+
+            cch = tag = None
+            running: set[Any] = set()  # callbacks (aiormq's tasks) that have not returned
+            current_task = asyncio.current_task
+            if consume is not None:
+                cch = await conn.channel()
+                await cch.basic_qos(prefetch_count=consume.prefetch)
+                handler = consume.handler
+                validate = Payload.model_validate_json
+                if consume.concurrency is None:
+
+                    async def on_message(message: Any) -> None:
+                        running.add(current_task())
+                        try:
+                            await handler(validate(message.body))
+                            await message.channel.basic_ack(message.delivery.delivery_tag)
+                        finally:
+                            running.discard(current_task())
+
+                else:
+                    sem = asyncio.Semaphore(consume.concurrency)
+
+                    async def on_message(message: Any) -> None:
+                        running.add(current_task())
+                        try:
+                            async with sem:
+                                await handler(validate(message.body))
+                                await message.channel.basic_ack(message.delivery.delivery_tag)
+                        finally:
+                            running.discard(current_task())
+
+                ok = await cch.basic_consume(QUEUE, on_message, no_ack=False)
+                tag = ok.consumer_tag
+            yield pub
+            if cch is not None and tag is not None:
+                if running:  # a clean stop: callbacks still running ack before the cancel
+                    await asyncio.wait(set(running), timeout=10)
+                await cch.basic_cancel(tag)
         finally:
             await conn.close()
 
@@ -478,7 +568,10 @@ class Banyan(Impl):
         self.MessageBus = MessageBus
 
     def bus(self) -> Any:
-        return self.MessageBus(GROUP, self.url, queue_type=self.queue_type)
+        options: dict[str, Any] = {}
+        if len(_PAD) > 128 * 1024:  # memory.py's large payloads: over the 256 KiB default
+            options["max_message_size"] = 4 * len(_PAD)
+        return self.MessageBus(GROUP, self.url, queue_type=self.queue_type, **options)
 
     async def setup(self) -> None:
         """Declare the group's queue (and DLQ, delay levels) by starting a subscribed bus."""
@@ -515,7 +608,8 @@ class Banyan(Impl):
 
 
 def make_impl(name: str, url: str, queue_type: str) -> Impl:
-    return {"raw": Raw, "faststream": FastStream, "banyan": Banyan}[name](url, queue_type)
+    impls = {"aiormq": Aiormq, "raw": Raw, "faststream": FastStream, "banyan": Banyan}
+    return impls[name](url, queue_type)
 
 
 # -- workloads -----------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """The benchmark harness runs, against the real broker, and every run passes its own checks.
 
-``benchmarks/run.py --quick`` runs every workload for raw aio-pika, FastStream and
-banyan_bus once, with small N, each in a fresh process on a vhost of its own; every run
-verifies itself (each message published or handled exactly once, queues empty, nothing
-dead-lettered) and a wrong run makes ``run.py`` exit 1. Nothing here asserts a speed:
-timings on a shared machine belong in ``benchmarks/README.md``, measured as ratios in one
-run, never in a test.
+``benchmarks/run.py --quick`` runs every workload for raw aiormq, raw aio-pika, FastStream
+and banyan_bus once, with small N, each in a fresh process on a vhost of its own, and the
+memory section (RSS per in-flight message and per idle subscription, aiormq and banyan);
+every run verifies itself (each message published or handled exactly once, queues empty,
+nothing dead-lettered; every idle subscription handles its check message once) and a
+wrong run makes ``run.py`` exit 1. Nothing here asserts a speed or a size: figures from a
+shared machine belong in ``benchmarks/README.md``, measured as ratios in one run, never in
+a test.
 """
 
 from __future__ import annotations
@@ -45,12 +47,23 @@ def test_every_workload_runs_and_checks_itself(tmp_path: Path) -> None:
         "4-latency",
         "5-io",
     ):
-        assert {(workload, impl) for impl in ("raw", "faststream", "banyan")} <= seen
+        assert {(workload, impl) for impl in ("aiormq", "raw", "faststream", "banyan")} <= seen
     assert {("6-workers", "w1"), ("6-workers", "w2"), ("6-workers-cpu", "w2")} <= seen
+    memory = ("memory-inflight-1k", "memory-inflight-256k", "memory-idle")
+    assert {(workload, impl) for workload in memory for impl in ("aiormq", "banyan")} <= seen
     for row in report["summary"]:
         assert row["failed"] == 0, row
+        if row["kind"] == "memory":
+            assert row["runs"] == 1, row
+            assert row["count"] > 0, row
+            assert isinstance(row["kib_per_unit"], float), row
+            assert "ratio_aiormq" in row, row  # compared with the floor
+            continue
         assert row["rate"] > 0, row
         assert row["cpu_us_per_msg"] > 0, row
+        if row["kind"] != "scaling":
+            assert row["ratio_aiormq"] > 0, row
+            assert row["cpu_ratio_aiormq"] > 0, row
 
 
 def test_the_micro_benchmark_counts_every_message() -> None:
