@@ -14,7 +14,7 @@ at the edge, chaining the original with ``raise ... from exc``.
     │   └── PluginMissing         a broker plugin we need is not enabled
     ├── BrokerUnreachable         (also a ConnectionError) the broker did not answer
     ├── PublishError              a publish was not confirmed
-    │   ├── BusCapacityExceeded   a queue at max_length refused the message
+    │   ├── BusCapacityExceeded   the broker nacked it (a full or leaderless queue)
     │   └── Unroutable            a mandatory publish reached no queue
     ├── SettleError               an ack/nack/reject found its connection gone
     ├── HandlerError              a handler cannot be registered or built
@@ -114,7 +114,10 @@ class PublishError(BanyanError):
 
 
 class BusCapacityExceeded(PublishError):
-    """A queue bound to the destination is full (``max_length``) and refused the message."""
+    """The broker refused the message (a publisher-confirm nack): a queue bound to the
+    destination is full (``max_length`` with reject-publish) or cannot accept it now (a
+    quorum queue without a leader while a node is down or partitioned). Retryable: the
+    message is not confirmed, and may or may not have reached other queues."""
 
 
 class Unroutable(PublishError):

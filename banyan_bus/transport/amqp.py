@@ -320,8 +320,10 @@ class AmqpTransport(Transport):
             raise BusCapacityExceeded(
                 f"the broker refused {message.message_type or 'a message'} "
                 f"({message.message_id}) published to {exchange!r} with routing key "
-                f"{routing_key!r}: a queue it routes to is full (max_length with "
-                f"reject-publish). Slow the publisher or drain the queue."
+                f"{routing_key!r} (nack): a queue it routes to is full (max_length with "
+                f"reject-publish) or cannot take it now (a quorum queue without a leader, "
+                f"during a node failure or partition). Nothing is confirmed: retry later, "
+                f"slow the publisher or drain the queue."
             ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise PublishError(
