@@ -119,6 +119,7 @@ class SubscriptionConsumer(DeliveryConsumer):
             log=log.bind(group=subscription.group, message_type=subscription.message_type),
         )
         self.subscription = subscription
+        self._queue_name = subscription.queue_name  # a property that formats it each time
         self._max_message_size = max_message_size
         self._registry = registry
         self._ensure_delays = ensure_delays
@@ -182,7 +183,7 @@ class SubscriptionConsumer(DeliveryConsumer):
 
     async def _run(self, delivery: Delivery, envelope: Envelope, ctx: MessageContext) -> None:
         handlers = self._reader.handlers(envelope)  # the version _admit read it as
-        done, trusted = handled_before(delivery, self.subscription.queue_name)
+        done, trusted = handled_before(delivery, self._queue_name)
         if not trusted:
             self._log.warning(
                 "handled_header_ignored",

@@ -107,13 +107,6 @@ class HandlerTasks:
         if task is not None:
             self._tasks.pop(task, None)
 
-    def note_context(self, ctx: MessageContext) -> None:
-        """Remember the current task's context (for naming its handler at shutdown)."""
-        task = asyncio.current_task()
-        entry = self._tasks.get(task) if task is not None else None
-        if entry is not None:
-            entry.ctx = ctx
-
     def close(self) -> int:
         """Stop handling: cancel every delivery whose handler has not started (each
         returns its message to the queue); later ones are returned on arrival.
@@ -296,7 +289,7 @@ class DeliveryConsumer(ABC):
             if self._semaphore is None:
                 if not delivery.stale:  # else its connection is gone: redelivered elsewhere
                     entry.started = True
-                    await self._handle(delivery)
+                    await self._handle(delivery, entry)
             else:
                 async with self._semaphore:
                     if tasks.closing:  # a slot came free during shutdown: do not start
@@ -304,7 +297,7 @@ class DeliveryConsumer(ABC):
                             await self._safe(delivery.nack(requeue=True), delivery)
                     elif not delivery.stale:
                         entry.started = True
-                        await self._handle(delivery)
+                        await self._handle(delivery, entry)
         except asyncio.CancelledError:
             if not delivery.settled and not delivery.stale:
                 await self._safe(delivery.nack(requeue=True), delivery)
@@ -316,14 +309,14 @@ class DeliveryConsumer(ABC):
         finally:
             tasks.discard(task)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, entry: InFlight) -> None:
         admitted = self._admit(delivery)
         if isinstance(admitted, DecodeError):
             await self._refuse(delivery, admitted)
             return
         envelope = admitted
         ctx = self._context(envelope, delivery)
-        self._tasks.note_context(ctx)
+        entry.ctx = ctx  # names its handler if shutdown has to abandon it
         token = _current.set(ctx)
         telemetry = self._telemetry
         try:

@@ -230,6 +230,17 @@ _tails: dict[tuple[type[Message], str, str], bytes] = {}
 
 
 def _compact(value: Any) -> str:
+    """``json.dumps(value, separators=(",", ":"))``. A dict of strings (the trace
+    context every publish carries) is written by hand, with json's own escaper: the
+    same text, without building a JSON encoder per call (≈ 5 µs per publish here)."""
+    if type(value) is dict:
+        parts = []
+        for key, item in value.items():
+            if type(key) is not str or type(item) is not str:
+                break
+            parts.append(f"{_js(key)}:{_js(item)}")
+        else:
+            return "{" + ",".join(parts) + "}"
     return json.dumps(value, separators=(",", ":"))
 
 

@@ -35,10 +35,14 @@ _TIMESTAMP = _FLAGS["timestamp"]
 _TYPE = _FLAGS["message_type"]
 
 _U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _OCTETS = [bytes([i]) for i in range(256)]
 _VERSION_HEADER = "x-version"
 _version_tables: dict[int, bytes] = {}
+_keys: dict[str, bytes] = {}  # header names, encoded as short strings
+_MAX_KEY = 128  # pamqp truncates a longer header name (and warns)
+_MAX_KEYS = 1024  # header names remembered; past that, pamqp encodes the table
 
 
 def _short(value: str) -> bytes:
@@ -56,7 +60,29 @@ def _table(headers: dict[str, Any]) -> bytes:
             if table is None:
                 table = _version_tables[version] = encode.field_table(headers)
             return table
-    return encode.field_table(headers)
+    # Strings and integers (x-version with the traceparent every publish carries,
+    # partition keys, attempts, delays) in one pass, as pamqp writes them: keys
+    # sorted, a string as 'S' and a long string, an integer as pamqp's smallest
+    # type. Anything else, or a key pamqp would truncate, goes through pamqp.
+    parts: list[bytes] = []
+    for key in sorted(headers):
+        value = headers[key]
+        kind = type(value)
+        name = _keys.get(key)
+        if name is None:
+            data = key.encode()
+            if len(data) > _MAX_KEY or len(_keys) >= _MAX_KEYS:
+                return encode.field_table(headers)
+            name = _keys[key] = _OCTETS[len(data)] + data
+        if kind is str:
+            data = value.encode()
+            parts += (name, b"S", _U32.pack(len(data)), data)
+        elif kind is int:
+            parts += (name, encode.table_integer(value))
+        else:
+            return encode.field_table(headers)
+    table = b"".join(parts)
+    return _U32.pack(len(table)) + table
 
 
 def _timestamp(value: datetime) -> bytes:
