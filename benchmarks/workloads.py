@@ -441,8 +441,8 @@ class Aiormq(Impl):
                     )
 
             cch = tag = None
-            running: set[Any] = set()  # callbacks (aiormq's tasks) that have not returned
-            current_task = asyncio.current_task
+            running = 0  # callbacks that have not returned (a clean stop waits for them)
+            idle = asyncio.Event()
             if consume is not None:
                 cch = await conn.channel()
                 await cch.basic_qos(prefetch_count=consume.prefetch)
@@ -451,31 +451,39 @@ class Aiormq(Impl):
                 if consume.concurrency is None:
 
                     async def on_message(message: Any) -> None:
-                        running.add(current_task())
+                        nonlocal running
+                        running += 1
                         try:
                             await handler(validate(message.body))
                             await message.channel.basic_ack(message.delivery.delivery_tag)
                         finally:
-                            running.discard(current_task())
+                            running -= 1
+                            if not running:
+                                idle.set()
 
                 else:
                     sem = asyncio.Semaphore(consume.concurrency)
 
                     async def on_message(message: Any) -> None:
-                        running.add(current_task())
+                        nonlocal running
+                        running += 1
                         try:
                             async with sem:
                                 await handler(validate(message.body))
                                 await message.channel.basic_ack(message.delivery.delivery_tag)
                         finally:
-                            running.discard(current_task())
+                            running -= 1
+                            if not running:
+                                idle.set()
 
                 ok = await cch.basic_consume(QUEUE, on_message, no_ack=False)
                 tag = ok.consumer_tag
             yield pub
             if cch is not None and tag is not None:
                 if running:  # a clean stop: callbacks still running ack before the cancel
-                    await asyncio.wait(set(running), timeout=10)
+                    idle.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(idle.wait(), 10)
                 await cch.basic_cancel(tag)
         finally:
             await conn.close()
