@@ -448,8 +448,18 @@ def axis_label(name: str) -> str:
     return name.replace("_", " ")
 
 
+def _tick(value: float, _: Any = None) -> str:
+    if value >= 1:
+        return fmt(int(value)) if value == int(value) else fmt(value)
+    return f"{value:g}"
+
+
 def plot(result: dict[str, Any], out: Path) -> list[Path]:
-    """One PNG per plot spec: a line per series over x, log axes as the spec says."""
+    """One PNG per plot spec: a line per series over x, log axes as the spec says.
+
+    A spec is ``{"y": column, "series": column (optional), "logx", "logy", "label"
+    (the y axis, with its unit), "title", "lines": {column: name}}``: ``lines``, if
+    given, are the columns drawn on the same axes (``y`` among them), e.g. percentiles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,36 +471,37 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     rows = [r for r in result.get("rows", []) if r.get("ok")]
     for spec in result.get("plots", []):
         y, series = spec["y"], spec.get("series")
+        columns = spec.get("lines") or {y: ""}
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         names: list[Any] = []
         for r in rows:
             name = r.get(series) if series else None
             if name not in names:
                 names.append(name)
+        lines = 0
         for name in names:
-            pts = sorted(
-                (r[x], r[y])
-                for r in rows
-                if (not series or r.get(series) == name) and isinstance(r.get(y), (int, float))
-            )
-            if pts:
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    marker="o",
-                    label=str(name) if name is not None else y,
+            for column, column_name in columns.items():
+                pts = sorted(
+                    (r[x], r[column])
+                    for r in rows
+                    if (not series or r.get(series) == name)
+                    and isinstance(r.get(column), (int, float))
+                    and r[column] == r[column]  # not NaN
                 )
-        plain = ticker.FuncFormatter(lambda v, _: fmt(int(v) if v >= 1 else v))
+                if not pts:
+                    continue
+                label = " ".join(str(p) for p in (name if len(names) > 1 else "", column_name) if p)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or y)
+                lines += 1
         if spec.get("logx"):
             ax.set_xscale("log")
         if spec.get("logy"):
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         else:
             ax.set_ylim(bottom=0)
-            ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(_tick))
         xs = sorted({r[x] for r in rows if isinstance(r.get(x), (int, float))})
         if xs and len(xs) <= 8:  # a tick at each measured x, labelled plainly
             ax.set_xticks(xs)
@@ -500,8 +511,9 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel(spec.get("label") or axis_label(y))
         ax.set_title(spec.get("title") or f"{result.get('title', key)}", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-        if series:
-            ax.legend(title=spec.get("legend", series), fontsize=8, title_fontsize=8)
+        if lines > 1:
+            legend = spec.get("legend", series if len(names) > 1 else None)
+            ax.legend(title=legend, fontsize=8, title_fontsize=8)
         fig.tight_layout()
         path = out / f"curve-{key}-{y}.png"
         fig.savefig(path, dpi=80)
@@ -581,9 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in selected:
         try:
             module = importlib.import_module(f"curve_{name}")
-        except ImportError as exc:
-            if name in args.only:
-                print(f"!!! curve {name!r} asked for but not importable: {exc}", file=sys.stderr)
+        except Exception as exc:
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name == f"curve_{name}"
+            if name in args.only or not missing:  # asked for, or there but broken
+                traceback.print_exc()
+                print(f"!!! curve {name!r} cannot be imported: {exc}", file=sys.stderr)
                 failed[name] = f"not importable: {exc}"
                 continue
             unavailable[name] = f"{type(exc).__name__}: {exc}"
