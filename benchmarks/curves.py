@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -41,9 +42,12 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for _path in (str(HERE), str(ROOT)):  # vhosts.py beside this file; banyan_bus from this checkout
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+# vhosts.py beside this file; banyan_bus from this checkout, or from the snapshot that
+# --banyan-ref extracted (BENCH_BANYAN_SRC, which the curves' own processes inherit)
+for _path in (str(HERE), os.environ.get("BENCH_BANYAN_SRC") or str(ROOT)):
+    if _path in sys.path:
+        sys.path.remove(_path)
+    sys.path.insert(0, _path)
 # Run as a script, this module is __main__; the curve modules' ``import curves`` gets it.
 sys.modules.setdefault("curves", sys.modules[__name__])
 
@@ -561,6 +565,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", action="append", default=[], choices=CURVES, help="this curve only; repeatable"
     )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for curves.json and the PNGs")
+    p.add_argument(
+        "--banyan-ref",
+        help="measure banyan_bus as committed at this git ref (e.g. HEAD) instead of the "
+        "working tree, which others may be editing mid-run",
+    )
     return p.parse_args(argv)
 
 
@@ -576,11 +585,31 @@ def main(argv: list[str] | None = None) -> int:
     url = amqp_url()
     selected = [c for c in CURVES if not args.only or c in args.only]
     info = machine()
+    snapshot = None
+    if args.banyan_ref:
+        snapshot = tempfile.TemporaryDirectory(prefix="banyan-ref-")
+        git = ["git", "-C", str(ROOT)]
+        sha = subprocess.run(
+            [*git, "rev-parse", "--short", args.banyan_ref],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        archive = subprocess.run(
+            [*git, "archive", sha, "banyan_bus"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", snapshot.name], input=archive, check=True)
+        os.environ["BENCH_BANYAN_SRC"] = snapshot.name
+        sys.path.insert(0, snapshot.name)
+        info["banyan_commit"], info["banyan_uncommitted"] = sha, []
+        info["banyan_source"] = f"git {args.banyan_ref} ({sha})"
+    else:
+        info["banyan_source"] = "working tree"
     dirty = info.get("banyan_uncommitted")
     print(
         f"machine: {info['nproc']} CPUs, RabbitMQ {info.get('rabbitmq')}, Python "
-        f"{info['python']}, banyan_bus {info.get('banyan_commit')}"
-        f"{' + uncommitted ' + ', '.join(dirty) if dirty else ''}"
+        f"{info['python']}, banyan_bus from {info['banyan_source']} at "
+        f"{info.get('banyan_commit')}{' + uncommitted ' + ', '.join(dirty) if dirty else ''}"
         f"; curves: {', '.join(selected)}{' (QUICK)' if args.quick else ''}",
         flush=True,
     )
@@ -633,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
                 result["ok"] = False
         print(f"({name}: {result['seconds']} s)", flush=True)
     info["loadavg_end"] = os.getloadavg()
+    import banyan_bus
+
+    info["banyan_bus_path"] = str(Path(banyan_bus.__file__ or "?").parent)
+    if snapshot is not None:
+        snapshot.cleanup()
     total = time.monotonic() - t_start
     doc = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
