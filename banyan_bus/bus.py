@@ -362,11 +362,11 @@ class MessageBus(PublishApi):
             idempotency_key=idempotency_key,
             middleware=middleware,
         )
-        known = set(self._in.subscriptions)
+        known = len(self._in.subscriptions)
         sub = self._in.record(
             contract, function_handler(contract, handler), options, started=self._started
         )
-        if self._started and (sub.group, sub.message_type) not in known:
+        if self._started and len(self._in.subscriptions) > known:  # a new one: declare it
             await self._in.add(sub)
         return sub
 

@@ -79,9 +79,12 @@ class Consumers:
         self._max_message_size = max_message_size
         self._middleware = tuple(middleware)
         self.subscriptions: dict[tuple[str, str], Subscription] = {}
+        #: Each group's ordered subscriptions (its ordered stream), in subscription order.
+        self._streams: dict[str, list[Subscription]] = {}
         #: Command and query types this service owns: their handler and options.
         self.commands: dict[str, tuple[HandlerSpec, SubscriptionOptions]] = {}
         self._engines: list[SubscriptionConsumer | OrderedStreamConsumer] = []
+        self._stream_engines: dict[str, OrderedStreamConsumer] = {}
         self._command_engines: list[CommandConsumer] = []
         self._transport: Transport | None = None
         self._telemetry: Telemetry | None = None
@@ -116,7 +119,9 @@ class Consumers:
                 idempotency_ttl=self._idempotency_ttl,
             )
             if sub.ordered:  # the group's ordered subscriptions share one stream: must agree
-                ordered_stream([*self.subscriptions.values(), sub], group)
+                stream = self._streams.setdefault(group, [])
+                ordered_stream([*stream[:1], sub], group)  # all agree with the first
+                stream.append(sub)
             self.subscriptions[(group, message_type)] = sub
             return sub
         if any(h.name == spec.name for h in sub.handlers):
@@ -162,29 +167,34 @@ class Consumers:
         # come back when their key is busy) through the delay levels.
         return not sub.ordered and (bool(sub.retry.delayed) or sub.dedup is not None)
 
+    def _stream(self, group: str) -> list[Subscription]:
+        return list(self._streams.get(group, ()))
+
     def _plan(self, sub: Subscription) -> list[Declaration]:
         if sub.ordered:  # the group's whole ordered stream, this type's part included
-            stream = ordered_stream(self.subscriptions.values(), sub.group)
-            types = [s.message_type for s in stream]
+            types = [s.message_type for s in self._streams[sub.group]]
             return ordered_plan(sub.group, types, sub.queue, partitions=sub.partitions)
         plan = group_plan(sub.group, sub.message_type, sub.queue)
         if self._uses_delays(sub):
             plan += retry_route_plan(sub.queue_name)
         return plan
 
-    def topology(self) -> list[Declaration]:
-        """Everything this service declares on the broker, in declaration order."""
+    def _event_plan(self) -> tuple[list[Declaration], bool]:
+        """What the subscriptions declare (one plan per ordered stream, not one per
+        type), and whether that includes the delay levels."""
         plan = root_plan()
         subs = list(self.subscriptions.values())
-        if any(self._uses_delays(sub) for sub in subs):
+        delays = any(self._uses_delays(sub) for sub in subs)
+        if delays:
             plan += delay_plan()
-        streams: set[str] = set()  # one plan per ordered stream, not one per type
         for sub in subs:
-            if sub.ordered:
-                if sub.group in streams:
-                    continue
-                streams.add(sub.group)
-            plan += self._plan(sub)
+            if not sub.ordered or self._streams[sub.group][0] is sub:
+                plan += self._plan(sub)
+        return plan, delays
+
+    def topology(self) -> list[Declaration]:
+        """Everything this service declares on the broker, in declaration order."""
+        plan = self._event_plan()[0]
         for message_type in self.commands:
             plan += command_plan(message_type)
         return plan
@@ -199,10 +209,9 @@ class Consumers:
     async def start(self, transport: Transport, telemetry: Telemetry) -> None:
         """Declare everything recorded so far on ``transport`` and start its engines."""
         self._transport, self._telemetry = transport, telemetry
-        self._delays_declared = False
-        await apply(transport, root_plan())
-        for sub in self.subscriptions.values():
-            await self._declare(sub)
+        # One plan, one batch: the transport may take many declarations at once.
+        plan, self._delays_declared = self._event_plan()
+        await apply(transport, plan)
         for sub in self.subscriptions.values():
             await self._start_engine(sub)
         for message_type, (spec, options) in self.commands.items():
@@ -237,16 +246,17 @@ class Consumers:
 
     async def _start_stream(self, group: str) -> None:
         """One engine per ordered stream; a type subscribed later joins the running one."""
-        if any(isinstance(e, OrderedStreamConsumer) and e.group == group for e in self._engines):
+        if group in self._stream_engines:
             return
         stream = OrderedStreamConsumer(
             group,
             transport=self._on()[0],
-            subscriptions=lambda: ordered_stream(self.subscriptions.values(), group),
+            subscriptions=lambda: self._stream(group),
             engine=self._engine,
         )
         await stream.start()
         self._engines.append(stream)
+        self._stream_engines[group] = stream
 
     def _engine(self, sub: Subscription) -> SubscriptionConsumer:
         transport, telemetry = self._on()
@@ -315,6 +325,7 @@ class Consumers:
             # cancellation is abandoned, its message returned, and stop() goes on.
             await asyncio.gather(*(engine.cancel_in_flight() for engine in busy))
         self._engines.clear()
+        self._stream_engines.clear()
         self._command_engines.clear()
         self._transport = self._telemetry = None
         self._delays_declared = False

@@ -131,6 +131,9 @@ class ContractRegistry:
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, int], type[Message]] = {}
+        # Each type's versions, oldest first: ``versions`` is asked per subscription at
+        # start and per decoded message, so it must not scan (or sort) the whole registry.
+        self._by_type: dict[str, dict[int, type[Message]]] = {}
 
     def register(self, cls: type[Message]) -> None:
         key = (cls.__message_type__, cls.__message_version__)
@@ -145,13 +148,17 @@ class ContractRegistry:
                 f"Give the new class another version (`version={key[1] + 1}`) or another name."
             )
         self._by_key[key] = cls
+        versions = self._by_type.setdefault(key[0], {})
+        versions[key[1]] = cls
+        if list(versions) != sorted(versions):
+            self._by_type[key[0]] = dict(sorted(versions.items()))
 
     def get(self, message_type: str, version: int) -> type[Message] | None:
         return self._by_key.get((message_type, version))
 
     def versions(self, message_type: str) -> dict[int, type[Message]]:
-        """Every registered version of ``message_type``, oldest first."""
-        return {v: c for (t, v), c in sorted(self._by_key.items()) if t == message_type}
+        """Every registered version of ``message_type``, oldest first (a copy)."""
+        return dict(self._by_type.get(message_type, ()))
 
     def __iter__(self) -> Any:
         return iter(list(self._by_key.values()))

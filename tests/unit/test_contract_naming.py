@@ -16,9 +16,12 @@ from banyan_bus.errors import ContractError
 @pytest.fixture(autouse=True)
 def _forget_contracts():  # type: ignore[no-untyped-def]
     before = dict(registry._by_key)
+    by_type = {t: dict(versions) for t, versions in registry._by_type.items()}
     yield
     registry._by_key.clear()
     registry._by_key.update(before)
+    registry._by_type.clear()
+    registry._by_type.update(by_type)
 
 
 def _define(name: str, base: type) -> type:

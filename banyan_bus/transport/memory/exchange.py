@@ -75,9 +75,27 @@ class Binding:
 
 
 class Exchange:
-    """One exchange: its declaration and its bindings (in the order they were made)."""
+    """One exchange: its declaration and its bindings (in the order they were made).
 
-    __slots__ = ("_ring", "arguments", "bindings", "durable", "name", "type")
+    Bindings are indexed so that neither declaring nor routing scans them all: a
+    service with thousands of subscriptions binds thousands of group exchanges to
+    the root exchange, and each bind and each publish must not cost O(bindings).
+    ``direct`` bindings are found by their routing key; ``topic`` bindings whose
+    last word is a literal by that word (a key's last word must equal it), the
+    rest (``*``/``#`` last) are tried on every message. Matches keep binding order.
+    """
+
+    __slots__ = (
+        "_by_destination",
+        "_by_word",
+        "_ring",
+        "_seq",
+        "_wild",
+        "arguments",
+        "durable",
+        "name",
+        "type",
+    )
 
     def __init__(
         self, name: str, type: str, durable: bool, arguments: dict[str, HeaderValue]
@@ -86,12 +104,33 @@ class Exchange:
         self.type = type
         self.durable = durable
         self.arguments = arguments
-        self.bindings: list[Binding] = []
+        self._seq = 0
+        #: (destination, to_exchange) -> its bindings by sequence number, in binding order
+        self._by_destination: dict[tuple[str, bool], dict[int, Binding]] = {}
+        #: direct: routing key; topic: the binding key's last (literal) word -> bindings
+        self._by_word: dict[str, dict[int, Binding]] = {}
+        #: topic keys ending in '*' or '#' (or empty); every fanout and hash binding
+        self._wild: dict[int, Binding] = {}
         self._ring: tuple[list[int], list[Binding]] | None = None
+
+    @property
+    def bindings(self) -> list[Binding]:
+        """Every binding, in the order they were made."""
+        found = self._by_destination.values()
+        return [b for _, b in sorted(item for same in found for item in same.items())]
 
     def describe(self) -> dict[str, object]:
         """What a re-declaration must repeat exactly (else ``TopologyMismatch``)."""
         return {"type": self.type, "durable": self.durable, **self.arguments}
+
+    def _word(self, binding: Binding) -> str | None:
+        """The routing index key of ``binding``: None for the unindexed (``_wild``) ones."""
+        if self.type == "direct":
+            return binding.routing_key
+        last = binding.routing_key.rpartition(".")[2]
+        if self.type != "topic" or not binding.routing_key or last in ("*", "#"):
+            return None
+        return last
 
     def bind(self, binding: Binding) -> None:
         """Add a binding; an identical one is a no-op, as in AMQP.
@@ -106,27 +145,44 @@ class Exchange:
                     f"cannot bind {binding.destination!r} to {self.name!r}: "
                     f"the weight {weight!r} must be an int >= 1"
                 )
-        if binding not in self.bindings:
-            self.bindings.append(binding)
-            self._ring = None
+        same = self._by_destination.setdefault((binding.destination, binding.to_exchange), {})
+        if binding in same.values():
+            return
+        self._seq += 1
+        same[self._seq] = binding
+        word = self._word(binding)
+        bucket = self._wild if word is None else self._by_word.setdefault(word, {})
+        bucket[self._seq] = binding
+        self._ring = None
 
     def unbind(self, destination: str, to_exchange: bool) -> None:
         """Drop every binding to ``destination`` (it was deleted)."""
-        kept = [
-            b for b in self.bindings if (b.destination, b.to_exchange) != (destination, to_exchange)
-        ]
-        if len(kept) != len(self.bindings):
-            self.bindings = kept
-            self._ring = None
+        gone = self._by_destination.pop((destination, to_exchange), None)
+        if not gone:
+            return
+        for seq, binding in gone.items():
+            word = self._word(binding)
+            if word is None:
+                del self._wild[seq]
+            else:
+                del self._by_word[word][seq]
+                if not self._by_word[word]:
+                    del self._by_word[word]
+        self._ring = None
 
     def matching(self, routing_key: str, headers: Headers) -> list[Binding]:
         """The bindings a message with this routing key and these headers takes."""
         if self.type == "direct":
-            return [b for b in self.bindings if b.routing_key == routing_key]
+            return list(self._by_word.get(routing_key, {}).values())
         if self.type == "topic":
-            return [b for b in self.bindings if topic_matches(b.routing_key, routing_key)]
+            literal = self._by_word.get(routing_key.rpartition(".")[2])
+            if literal and self._wild:
+                candidates = [b for _, b in sorted({**literal, **self._wild}.items())]
+            else:
+                candidates = list((literal or self._wild).values())
+            return [b for b in candidates if topic_matches(b.routing_key, routing_key)]
         if self.type == "fanout":
-            return list(self.bindings)
+            return list(self._wild.values())
         chosen = self._hash_lookup(self._hash_input(routing_key, headers))
         return [] if chosen is None else [chosen]
 
@@ -146,12 +202,13 @@ class Exchange:
         """
         if self._ring is None:
             points: list[tuple[int, int]] = []
-            for index, b in enumerate(self.bindings):
+            bindings = self.bindings
+            for index, b in enumerate(bindings):
                 kind = "e" if b.to_exchange else "q"
                 for i in range(int(b.routing_key) * _POINTS_PER_WEIGHT):
                     points.append((zlib.crc32(f"{kind}:{b.destination}:{i}".encode()), index))
             points.sort()
-            self._ring = ([p for p, _ in points], [self.bindings[i] for _, i in points])
+            self._ring = ([p for p, _ in points], [bindings[i] for _, i in points])
         hashes, owners = self._ring
         if not hashes:
             return None
