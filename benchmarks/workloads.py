@@ -801,6 +801,14 @@ async def _workers_via_cli(
     def cli_log() -> str:
         return log_path.read_text(errors="replace")[-1500:]
 
+    def failed(what: str) -> Exception:
+        """A worker that could not reach the broker measured nothing: infrastructure
+        (run.py retries it), not a wrong result."""
+        text = cli_log()
+        if "cannot connect to RabbitMQ" in text:
+            return ConnectionError(f"{what}: a worker could not reach the broker:\n{text}")
+        return BenchFailure(f"{what}:\n{text}")
+
     def count(prefix: str) -> list[Path]:
         return [p for p in folder.iterdir() if p.name.startswith(prefix) and "tmp" not in p.name]
 
@@ -808,7 +816,7 @@ async def _workers_via_cli(
         deadline = time.monotonic() + 60
         while len(count("ready.")) < k:
             if proc.returncode is not None or time.monotonic() > deadline:
-                raise BenchFailure(f"banyan run did not start {k} workers:\n{cli_log()}")
+                raise failed(f"banyan run did not start {k} workers")
             await asyncio.sleep(0.05)
         b0 = broker_cpu()
         (folder / "go").touch()
@@ -821,14 +829,14 @@ async def _workers_via_cli(
             if done >= n:
                 break
             if proc.returncode is not None or time.monotonic() > deadline:
-                raise BenchFailure(f"workers handled {done} of {n}:\n{cli_log()}")
+                raise failed(f"workers handled {done} of {n}")
             await asyncio.sleep(0.05)
         b1 = broker_cpu()
         proc.send_signal(signal.SIGTERM)  # graceful stop, as an orchestrator would
         async with asyncio.timeout(60):
             code = await proc.wait()
         if code != 0:
-            raise BenchFailure(f"banyan run exited {code}:\n{cli_log()}")
+            raise failed(f"banyan run exited {code}")
         finals: list[dict[str, Any] | None] = [json.loads(p.read_text()) for p in count("result.")]
         if len(finals) != k:
             raise BenchFailure(f"{len(finals)} worker results for {k} workers:\n{cli_log()}")
