@@ -174,12 +174,18 @@ class BrokerWatch(threading.Thread):
     def outage_between(self, t0: float, t1: float) -> bool:
         return any(t0 - 1.0 <= t <= t1 + 1.0 for t in self.outages)
 
-    def wait_up(self, limit: float = 180) -> None:
+    def wait_up(self, limit: float = 180, settle: float = 20) -> None:
+        """Until the broker answers and has been up for ``settle`` seconds (just after a
+        restart its quorum queues are still recovering, and a point measures that)."""
         with self._lock:
             if not self.is_alive():
                 self.start()
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
+            since = time.monotonic() - max(self.outages, default=-1e9)
+            if since < settle:
+                time.sleep(settle - since)
+                continue
             if self.up():
                 try:
                     vhosts.broker_overview()
