@@ -14,7 +14,7 @@ argument such as RabbitMQ's at-least-once dead-lettering is spelled once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -164,3 +164,47 @@ async def _side_by_side(transport: Transport, plan: list[Declaration], width: in
                 future.exception()  # retrieved: no "never retrieved" warning
     if refused:
         raise refused[min(refused)]
+
+
+async def declared_in_order(
+    transport: Transport, plans: Sequence[Sequence[Declaration]], width: int
+) -> AsyncGenerator[int, None]:
+    """Declare ``plans`` (each with :func:`apply`), up to ``width`` of them side by side,
+    and yield each one's index, in order, once it and every plan before it is declared.
+
+    What the caller does with an index (start a consumer on what plan ``i`` declared)
+    overlaps the declaring of the plans after it. A refusal is raised where its plan's
+    index would have been yielded (so the earliest plan's); once the refused plan is
+    over, no plan starts.
+    Use with ``contextlib.aclosing`` so that leaving early stops the declaring.
+    """
+    loop = asyncio.get_running_loop()
+    declared = [loop.create_future() for _ in plans]
+    pending = iter(zip(plans, declared, strict=True))
+    refused = False
+
+    async def lane() -> None:
+        nonlocal refused
+        for plan, done in pending:
+            if refused:
+                return
+            try:
+                await apply(transport, plan)
+            except Exception as exc:
+                refused = True
+                done.set_exception(exc)
+                return
+            done.set_result(None)
+
+    lanes = [loop.create_task(lane()) for _ in range(max(1, min(width, len(plans))))]
+    try:
+        for index, done in enumerate(declared):
+            await asyncio.shield(done)
+            yield index
+    finally:
+        for task in lanes:
+            task.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+        for done in declared:
+            if done.done() and not done.cancelled():
+                done.exception()  # retrieved: no "never retrieved" warning

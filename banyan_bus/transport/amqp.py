@@ -185,9 +185,10 @@ class AmqpTransport(Transport):
         """A channel for one declaration; a refusal closes it, so another is opened."""
         return self._topology_channels.use(kind, name, requested)
 
-    def declaring(self, count: int) -> AbstractAsyncContextManager[int]:
-        # Half the room under channel_max at most (amqp_topology): consumers need it too.
-        in_use = len(self._consumers) + len(self._get_settlers) + 3
+    def declaring(self, count: int, *, consumers: int = 0) -> AbstractAsyncContextManager[int]:
+        # Half the room under channel_max at most (amqp_topology), after the channels of
+        # the consumers that start meanwhile: they need it too.
+        in_use = len(self._consumers) + len(self._get_settlers) + 3 + consumers
         return self._topology_channels.batch(count, room=self._channel_max - in_use)
 
     # -- topology -------------------------------------------------------------------

@@ -189,14 +189,15 @@ class Transport(ABC):
         not cancelled, and its channel open (False between a connection loss and the
         consumer's recovery, or after the broker cancelled it). Cheap and local."""
 
-    def declaring(self, count: int) -> AbstractAsyncContextManager[int]:
-        """``count`` declarations follow (``declarations.apply``): how many of them may be
-        in flight at once while this context lasts.
+    def declaring(self, count: int, *, consumers: int = 0) -> AbstractAsyncContextManager[int]:
+        """``count`` declarations follow (``declarations.apply``), and ``consumers``
+        consumers will start meanwhile: how many declarations may be in flight at once
+        while this context lasts.
 
         One here: each declaration waits for the one before. The RabbitMQ transport
         lends a large batch a few channels, one declaration in flight on each
         (``amqp_topology``), so that a service with many subscriptions does not pay
-        one broker round trip after another.
+        one broker round trip after another; it keeps room for the consumers' channels.
         """
         return nullcontext(1)
 

@@ -4,7 +4,9 @@ A transport that says a batch may have N declarations in flight
 (``Transport.declaring``) gets them in plan order, at most N at once; a binding
 starts only once both its ends (declared earlier in the plan) answered; a
 repeated declaration is made once; after a refusal nothing new starts, and the
-refusal raised is the earliest in the plan. The memory transport is used with
+refusal raised is the earliest in the plan. ``declared_in_order`` (how the bus
+starts each subscription's consumer while the next ones are declared) yields
+each plan once it and those before it are declared. The memory transport is used with
 slow declarations, so they overlap as on a broker.
 """
 
@@ -13,11 +15,18 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 
 import pytest
 
-from banyan_bus.declarations import BindingDecl, Declaration, ExchangeDecl, QueueDecl, apply
+from banyan_bus.declarations import (
+    BindingDecl,
+    Declaration,
+    ExchangeDecl,
+    QueueDecl,
+    apply,
+    declared_in_order,
+)
 from banyan_bus.errors import TopologyError, TopologyMismatch
 from banyan_bus.transport.base import Arguments, ExchangeType
 from banyan_bus.transport.memory import MemoryTransport, drop_broker
@@ -33,11 +42,11 @@ class SlowTransport(MemoryTransport):
         self.most_in_flight = 0
         self.started: list[str] = []
         self.answered: list[str] = []
-        self.log: list[tuple[str, str]] = []  # ("start" | "answer", what), as it happened
+        self.log: list[tuple[str, str]] = []  # ("start" | "answer" | "refuse", what), in order
         self.refuse: set[str] = set()
         self._random = random.Random(7)
 
-    def declaring(self, count: int) -> AbstractAsyncContextManager[int]:
+    def declaring(self, count: int, *, consumers: int = 0) -> AbstractAsyncContextManager[int]:
         return nullcontext(self.width)
 
     def _answered(self, what: str) -> None:
@@ -52,6 +61,7 @@ class SlowTransport(MemoryTransport):
         try:
             await asyncio.sleep(self._random.random() / 500)
             if what in self.refuse:
+                self.log.append(("refuse", what))
                 raise TopologyError(f"{what}: refused")
         finally:
             self.in_flight -= 1
@@ -167,3 +177,32 @@ async def test_one_at_a_time_keeps_plan_order() -> None:
     await _run(transport, plan)
     assert transport.most_in_flight == 1
     assert len(transport.started) == 1 + 5 * 5
+
+
+async def test_plans_are_yielded_in_order_each_once_declared_and_a_refusal_where_it_was() -> None:
+    transport = SlowTransport(width=4)
+    await transport.connect()
+    plans = [_plan(1), *[[QueueDecl(f"solo{i}")] for i in range(1, 31)]]
+    plans[7] = [QueueDecl("solo7"), QueueDecl("refused7")]
+    transport.refuse = {"queue refused7"}
+    seen: list[int] = []
+
+    async def consume_in_order() -> None:
+        async with aclosing(declared_in_order(transport, plans, 4)) as declared:
+            async for index in declared:
+                # Everything of this plan, and of the plans before it, has answered.
+                for plan in plans[: index + 1]:
+                    for decl in plan:
+                        if isinstance(decl, QueueDecl):
+                            assert f"queue {decl.name}" in transport.answered
+                seen.append(index)
+
+    try:
+        with pytest.raises(TopologyError, match="refused7: refused"):
+            await consume_in_order()
+    finally:
+        await transport.close()
+        drop_broker(transport.url)
+    assert seen == list(range(7))
+    # The plans after it stop: once the refused plan is over, no lane takes another.
+    assert "queue solo30" not in transport.started
