@@ -88,6 +88,9 @@ def finish(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+ATTEMPTS = 5  # a point overlapping broker trouble is measured again, up to this many times
+
+
 async def run_point(
     rows: list[dict[str, Any]], head: dict[str, Any], body: Callable[[], Awaitable[dict[str, Any]]]
 ) -> dict[str, Any]:
@@ -95,10 +98,10 @@ async def run_point(
 
     A failed check (AssertionError), a timeout or a crash makes the row ``ok: False``
     with the error, and the curve goes on with its other points (``finish`` then fails
-    it). The broker here is shared, and other suites restart it: a point that overlapped
-    an outage measured nothing valid and is measured again (at most twice)."""
+    it). The broker here is shared, and other suites restart it or raise its alarms: a
+    point that overlapped such trouble measured nothing valid and is measured again."""
     label = ", ".join(f"{k}={v}" for k, v in head.items())
-    for attempt in range(3):
+    for attempt in range(ATTEMPTS):
         await asyncio.to_thread(WATCH.wait_up)
         t0 = time.monotonic()
         try:
@@ -113,7 +116,7 @@ async def run_point(
         row["point_s"] = round(time.monotonic() - t0, 1)
         if WATCH.outage_between(t0, time.monotonic()) or row.get("broker_trouble"):
             row["broker_outage"] = True
-            if attempt < 2:
+            if attempt < ATTEMPTS - 1:
                 print(f"  ({label}: the broker was down meanwhile; measured again)", flush=True)
                 await asyncio.sleep(5)
                 continue
@@ -143,8 +146,9 @@ def broker_trouble(exc: BaseException) -> bool:
 
 
 class BrokerWatch(threading.Thread):
-    """Probes the broker's AMQP and management ports every second (as ``run.py`` does):
-    other suites on this machine stop and restart the shared broker."""
+    """Probes the broker's AMQP and management ports and its alarms every second (as
+    ``run.py`` does): other suites on this machine stop, restart and alarm the shared
+    broker."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True, name="broker-watch")
@@ -165,9 +169,20 @@ class BrokerWatch(threading.Thread):
                 return False
         return True
 
+    def alarmed(self) -> bool:
+        """A memory or disk alarm (other suites raise them on purpose) blocks publishers
+        and new connections: as good as an outage for a measurement."""
+        try:
+            nodes = vhosts._request(
+                "GET", "/api/nodes?columns=mem_alarm,disk_free_alarm", timeout=10
+            )
+        except vhosts.BrokerAdminError:
+            return True
+        return any(n.get("mem_alarm") or n.get("disk_free_alarm") for n in nodes or [])
+
     def run(self) -> None:
         while True:
-            if not self.up():
+            if not self.up() or self.alarmed():
                 self.outages.append(time.monotonic())
             time.sleep(1.0)
 
@@ -186,12 +201,9 @@ class BrokerWatch(threading.Thread):
             if since < settle:
                 time.sleep(settle - since)
                 continue
-            if self.up():
-                try:
-                    vhosts.broker_overview()
-                    return
-                except vhosts.BrokerAdminError:
-                    pass
+            if self.up() and not self.alarmed():
+                return
+            self.outages.append(time.monotonic())
             time.sleep(2)
 
 
