@@ -405,9 +405,11 @@ def _summarize_memory(runs: list[Run], w: Workload) -> list[dict[str, Any]]:
     rows = []
     for impl, s in stats.items():
         row = {"workload": w.key, "title": w.title, "kind": w.kind, "impl": impl, **s}
-        if s["kib_per_unit"] is not None and floor.get("kib_per_unit"):
-            row["ratio_aiormq"] = s["kib_per_unit"] / floor["kib_per_unit"]
-            row["delta_aiormq_kib"] = s["kib_per_unit"] - floor["kib_per_unit"]
+        base = floor.get("kib_per_unit")
+        if s["kib_per_unit"] is not None and base is not None:
+            row["delta_aiormq_kib"] = s["kib_per_unit"] - base
+            if base > 0:  # a quick run's RSS can stay on the same pages
+                row["ratio_aiormq"] = s["kib_per_unit"] / base
         rows.append(row)
     return rows
 

@@ -57,7 +57,7 @@ def test_every_workload_runs_and_checks_itself(tmp_path: Path) -> None:
             assert row["runs"] == 1, row
             assert row["count"] > 0, row
             assert isinstance(row["kib_per_unit"], float), row
-            assert "ratio_aiormq" in row, row  # compared with the floor
+            assert "delta_aiormq_kib" in row, row  # compared with the floor
             continue
         assert row["rate"] > 0, row
         assert row["cpu_us_per_msg"] > 0, row
