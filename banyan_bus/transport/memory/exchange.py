@@ -105,19 +105,22 @@ class Exchange:
         self.durable = durable
         self.arguments = arguments
         self._seq = 0
-        #: (destination, to_exchange) -> its bindings by sequence number, in binding order
-        self._by_destination: dict[tuple[str, bool], dict[int, Binding]] = {}
-        #: direct: routing key; topic: the binding key's last (literal) word -> bindings
-        self._by_word: dict[str, dict[int, Binding]] = {}
+        # Lists, not dicts: most hold one or two bindings, and there is one per
+        # destination and per word (a few hundred bytes a subscription saved).
+        #: (destination, to_exchange) -> its bindings
+        self._by_destination: dict[tuple[str, bool], list[Binding]] = {}
+        #: direct: routing key; topic: the binding key's last (literal) word ->
+        #: (sequence number, binding), in binding order
+        self._by_word: dict[str, list[tuple[int, Binding]]] = {}
         #: topic keys ending in '*' or '#' (or empty); every fanout and hash binding
-        self._wild: dict[int, Binding] = {}
+        self._wild: list[tuple[int, Binding]] = []
         self._ring: tuple[list[int], list[Binding]] | None = None
 
     @property
     def bindings(self) -> list[Binding]:
         """Every binding, in the order they were made."""
-        found = self._by_destination.values()
-        return [b for _, b in sorted(item for same in found for item in same.items())]
+        found = [*self._wild, *(item for same in self._by_word.values() for item in same)]
+        return [b for _, b in sorted(found, key=lambda item: item[0])]
 
     def describe(self) -> dict[str, object]:
         """What a re-declaration must repeat exactly (else ``TopologyMismatch``)."""
@@ -145,14 +148,22 @@ class Exchange:
                     f"cannot bind {binding.destination!r} to {self.name!r}: "
                     f"the weight {weight!r} must be an int >= 1"
                 )
-        same = self._by_destination.setdefault((binding.destination, binding.to_exchange), {})
-        if binding in same.values():
+        key = (binding.destination, binding.to_exchange)
+        same = self._by_destination.get(key)
+        if same is None:
+            self._by_destination[key] = [binding]
+        elif binding in same:
             return
+        else:
+            same.append(binding)
         self._seq += 1
-        same[self._seq] = binding
         word = self._word(binding)
-        bucket = self._wild if word is None else self._by_word.setdefault(word, {})
-        bucket[self._seq] = binding
+        if word is None:
+            self._wild.append((self._seq, binding))
+        elif (bucket := self._by_word.get(word)) is None:
+            self._by_word[word] = [(self._seq, binding)]
+        else:
+            bucket.append((self._seq, binding))
         self._ring = None
 
     def unbind(self, destination: str, to_exchange: bool) -> None:
@@ -160,29 +171,27 @@ class Exchange:
         gone = self._by_destination.pop((destination, to_exchange), None)
         if not gone:
             return
-        for seq, binding in gone.items():
+        for binding in gone:
             word = self._word(binding)
-            if word is None:
-                del self._wild[seq]
-            else:
-                del self._by_word[word][seq]
-                if not self._by_word[word]:
-                    del self._by_word[word]
+            bucket = self._wild if word is None else self._by_word[word]
+            bucket[:] = [item for item in bucket if item[1] is not binding]
+            if word is not None and not bucket:
+                del self._by_word[word]
         self._ring = None
 
     def matching(self, routing_key: str, headers: Headers) -> list[Binding]:
         """The bindings a message with this routing key and these headers takes."""
         if self.type == "direct":
-            return list(self._by_word.get(routing_key, {}).values())
+            return [b for _, b in self._by_word.get(routing_key, ())]
         if self.type == "topic":
             literal = self._by_word.get(routing_key.rpartition(".")[2])
             if literal and self._wild:
-                candidates = [b for _, b in sorted({**literal, **self._wild}.items())]
+                candidates = sorted([*literal, *self._wild], key=lambda item: item[0])
             else:
-                candidates = list((literal or self._wild).values())
-            return [b for b in candidates if topic_matches(b.routing_key, routing_key)]
+                candidates = literal or self._wild
+            return [b for _, b in candidates if topic_matches(b.routing_key, routing_key)]
         if self.type == "fanout":
-            return list(self._wild.values())
+            return [b for _, b in self._wild]
         chosen = self._hash_lookup(self._hash_input(routing_key, headers))
         return [] if chosen is None else [chosen]
 
