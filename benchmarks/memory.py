@@ -104,7 +104,10 @@ async def publisher(impl: wl.Impl, args: argparse.Namespace, start: int, n: int)
     )
     _, err = await proc.communicate()
     if proc.returncode != 0:
-        raise wl.BenchFailure(f"publishing {n} messages failed:\n{err.decode()[-1500:]}")
+        text = f"publishing {n} messages failed:\n{err.decode()[-1500:]}"
+        if proc.returncode == wl.EXIT_INFRA:  # it could not reach the broker: retried
+            raise ConnectionError(text)
+        raise wl.BenchFailure(text)
 
 
 async def publish_main(args: argparse.Namespace) -> dict[str, Any]:

@@ -657,7 +657,10 @@ async def helper(impl: Impl, args: argparse.Namespace, name: str, n: int) -> Non
     if proc.returncode != 0:
         lines = [ln for ln in out.decode().splitlines() if ln.startswith(RESULT_MARK)]
         detail = json.loads(lines[-1][len(RESULT_MARK) :]).get("error") if lines else None
-        raise BenchFailure(f"{name} ({n} messages) failed: {detail or ''}\n{err.decode()[-1500:]}")
+        text = f"{name} ({n} messages) failed: {detail or ''}\n{err.decode()[-1500:]}"
+        if proc.returncode == EXIT_INFRA:  # the helper could not reach the broker: retried
+            raise ConnectionError(text)
+        raise BenchFailure(text)
 
 
 async def prepare(impl: Impl, args: argparse.Namespace, n: int) -> None:
