@@ -3,15 +3,18 @@
 the delay levels, a sample of short delays (200 events, 1-10 s in whole seconds;
 ``--quick`` 20 of 1-4 s) whose lateness is measured.
 
-Reported: the publish rate of delayed events (confirmed, ``WINDOW`` in flight), the
-broker's memory per delayed message (the node's memory from the management API,
-``/api/nodes/<node>/memory``, before the volume and after the sample, divided by the
-messages then in the delay levels: ``erlang`` is what the VM allocated, ``quorum_ets``
-and ``binary`` the parts where a quorum queue's waiting messages live; the broker is
-shared, so other work moves these by tens of MB too: only the largest volume's figure
-stands out of that noise, and a delta below zero is reported as none), and the
-sample's lateness (handled time minus publish call time minus the asked delay: p50,
-p95, p99, max).
+Reported: the publish rate of delayed events (confirmed, ``WINDOW`` in flight); the
+broker's memory per waiting message, three ways: the node's memory
+(``/api/nodes/<node>/memory``, before the volume and after the sample, divided by the
+messages then in the delay levels; ``erlang`` is what the VM allocated, ``quorum_ets``
+where a quorum queue's recent log entries, bodies included, are kept) moves by
+hundreds of MB within seconds on this shared broker, so a delta below zero is reported
+as none and only the largest volume stands out of that noise; the memory of the
+point's own vhost's queue processes (``/api/queues/<vhost>``) is its own, but leaves out
+the node-wide ETS (its ``message_bytes`` would tell the bodies' share, but quorum queues
+on RabbitMQ 3.10 report 0 there for a while). And the sample's
+lateness (handled time minus publish call time minus the asked delay: p50, p95, p99,
+max).
 
 Checked: every event published once (confirmed), nothing handled early, nothing
 handled twice, every sample event handled, every volume event either handled (the
@@ -28,8 +31,10 @@ import asyncio
 import random
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import curves
 
@@ -40,6 +45,7 @@ HOUR_MS = 3600 * 1000
 WINDOW = 500
 VOLUMES = (1_000, 10_000, 100_000)  # the issue's size is the last; the others show the trend
 QUICK_VOLUME = 2_000
+STATS_WAIT_S = 20.0  # the management API's queue stats are refreshed every 5 s
 SAMPLE_MAX_S = 10  # the short delays: 1..10 whole seconds
 QUICK_SAMPLE_MAX_S = 4  # --quick: 1..4 s, to keep a CI run short
 GROUP = "delays-curve"
@@ -56,6 +62,24 @@ def envelope_bytes(event: ReminderDelayFired) -> int:
     from banyan_bus.envelope import encode
 
     return len(encode(event, service_name=GROUP).body)
+
+
+async def vhost_queues(url: str, ready: Callable[[dict[str, int]], bool]) -> dict[str, int]:
+    """The management API's totals over the point's vhost's queues (their processes'
+    ``memory``, their ``messages``) once ``ready`` says the stats, refreshed
+    every 5 s, caught up (or after ``STATS_WAIT_S``, with what they say then)."""
+    vhost = unquote(urlsplit(url).path.lstrip("/"))
+    cols = ("memory", "messages")
+    path = f"/api/queues/{quote(vhost, safe='')}?columns=name,{','.join(cols)}"
+    deadline = time.monotonic() + STATS_WAIT_S
+    while True:
+        queues = await asyncio.to_thread(curves.mgmt_get, path)
+        totals = {k: sum(int(q.get(k) or 0) for q in queues) for k in cols}
+        totals["queues"] = len(queues)
+        totals["reporting"] = sum(1 for q in queues if "memory" in q)
+        if ready(totals) or time.monotonic() > deadline:
+            return totals
+        await asyncio.sleep(0.5)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -106,6 +130,8 @@ async def point(base_url: str, n: int, samples: int, quick: bool) -> dict[str, A
             others = [q for q in curves.queue_names(bus) if q not in levels]
             # the delay levels exist from the start (the subscription's delayed retries)
             await curves.queue_depths(url, levels)
+            # the management API's stats of the new queues (refreshed every 5 s)
+            vhost0 = await vhost_queues(url, lambda q: q["reporting"] == q["queues"])
             mem0 = await memory_now(1 if quick else 3)
 
             async def publish_volume(i: int) -> None:
@@ -128,6 +154,8 @@ async def point(base_url: str, n: int, samples: int, quick: bool) -> dict[str, A
 
             await curves.pipeline(samples, 50, publish_sample)
             await curves.wait_all([sample], 60, "short-delay sample")
+            # stats that count the waiting messages (all but those handled meanwhile)
+            vhost1 = await vhost_queues(url, lambda q: q["messages"] >= 0.98 * (n - volume.count))
             mem1 = await memory_now(1 if quick else 3)
             handled_at_mem1 = volume.count
         curves.check(not early, f"{len(early)} handled early, first: {early[:3]}")
@@ -153,9 +181,11 @@ async def point(base_url: str, n: int, samples: int, quick: bool) -> dict[str, A
             f"volume: {volume.count} handled + {waiting} waiting != {n} published",
         )
         in_levels = n - handled_at_mem1
-        delta = {k: mem1.get(k, 0) - mem0.get(k, 0) for k in ("erlang", "quorum_ets", "binary")}
-        if delta["erlang"] <= 0:  # the shared broker freed more than these messages took
-            delta = dict.fromkeys(delta, float("nan"))
+
+        def per_msg(before: float, after: float) -> float:
+            # below zero: the shared broker freed more meanwhile than these messages took
+            return (after - before) / in_levels if after > before else float("nan")
+
         return {
             "events": n,
             "body_bytes": body_bytes,
@@ -163,9 +193,10 @@ async def point(base_url: str, n: int, samples: int, quick: bool) -> dict[str, A
             "publish_cpu_us": (cpu1 - cpu0) / n * 1e6,
             "waiting_at_end": waiting,
             "volume_handled": volume.count,
-            "mem_bytes_per_msg": delta["erlang"] / in_levels,
-            "quorum_ets_bytes_per_msg": delta["quorum_ets"] / in_levels,
-            "binary_bytes_per_msg": delta["binary"] / in_levels,
+            "mem_bytes_per_msg": per_msg(mem0["erlang"], mem1["erlang"]),
+            "quorum_ets_bytes_per_msg": per_msg(mem0["quorum_ets"], mem1["quorum_ets"]),
+            "binary_bytes_per_msg": per_msg(mem0["binary"], mem1["binary"]),
+            "queue_procs_bytes_per_msg": per_msg(vhost0["memory"], vhost1["memory"]),
             "broker_mem_before_mb": mem0["erlang"] / 1e6,
             "broker_mem_after_mb": mem1["erlang"] / 1e6,
             "sample": samples,
@@ -193,7 +224,14 @@ async def measure_async(url: str, quick: bool) -> dict[str, Any]:
             {
                 **plot,
                 "y": "mem_bytes_per_msg",
-                "label": "broker memory per waiting message (bytes)",
+                "logy": True,
+                "lines": {
+                    "mem_bytes_per_msg": "node: all memory (erlang)",
+                    "quorum_ets_bytes_per_msg": "node: quorum queues' ETS",
+                    "queue_procs_bytes_per_msg": "its vhost's queue processes",
+                },
+                "label": "broker memory per waiting message (bytes, log scale)",
+                "legend": "",
             },
             {
                 **plot,
