@@ -38,6 +38,11 @@ from banyan_bus import Event, MessageBus
 
 TITLE = "fan-out: one publisher, N subscribing groups"
 GROUPS = (1, 10, 100)
+#: --quick (CI) stops at 10 groups: deleting a vhost that holds 100 groups' quorum queues
+#: (and their DLQs) twice in a row was seen to wedge vhost operations on a busy RabbitMQ
+#: 3.10 broker (add_vhost hanging until stop_app/start_app), which would fail every later
+#: test of the run. The full curve keeps 100.
+QUICK_GROUPS = (1, 10)
 MAX_PROCS = 10
 QUICK_MAX_PROCS = 3  # --quick: start-up of many processes would dominate a CI run
 WINDOW = 500
@@ -267,7 +272,7 @@ async def measure_async(url: str, quick: bool) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     max_procs = QUICK_MAX_PROCS if quick else MAX_PROCS
     split = f"a process per group (at most {max_procs})"
-    for groups in GROUPS:
+    for groups in QUICK_GROUPS if quick else GROUPS:
         n = events_for(groups, quick)
         await curves.run_point(
             rows, {"mode": ONE, "groups": groups}, partial(one_process, url, groups, n)
