@@ -209,7 +209,7 @@ class Consumers:
     async def start(self, transport: Transport, telemetry: Telemetry) -> None:
         """Declare everything recorded so far on ``transport`` and start its engines."""
         self._transport, self._telemetry = transport, telemetry
-        # One plan, one batch: the transport may take many declarations at once.
+        # One plan for everything recorded: an ordered stream once, not once per type.
         plan, self._delays_declared = self._event_plan()
         await apply(transport, plan)
         for sub in self.subscriptions.values():

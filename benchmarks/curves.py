@@ -24,19 +24,14 @@ import importlib
 import json
 import math
 import os
-import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -52,7 +47,9 @@ for _path in (str(HERE), os.environ.get("BENCH_BANYAN_SRC") or str(ROOT)):
 # Run as a script, this module is __main__; the curve modules' ``import curves`` gets it.
 sys.modules.setdefault("curves", sys.modules[__name__])
 
+import bench_env  # noqa: E402
 import vhosts  # noqa: E402
+from bench_env import BrokerWatch  # noqa: E402
 
 CURVES = ("fanout", "payload", "delays", "ordered", "subscriptions")
 """Curve names, in run order: module ``curve_<name>``, result key ``<name>``."""
@@ -104,7 +101,7 @@ async def run_point(
     point that overlapped such trouble measured nothing valid and is measured again."""
     label = ", ".join(f"{k}={v}" for k, v in head.items())
     for attempt in range(ATTEMPTS):
-        await asyncio.to_thread(WATCH.wait_up)
+        await asyncio.to_thread(WATCH.wait_settled)
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(POINT_TIMEOUT_S):  # a broker gone mid-call can hang
@@ -136,89 +133,12 @@ class BrokerTrouble(ConnectionError):
 
 
 def broker_trouble(exc: BaseException) -> bool:
-    """True if ``exc`` (or its cause) says the broker was unreachable or went away (other
-    suites stop and restart the shared broker here): the point is measured again.
-    Wrong results are AssertionErrors and never count as this."""
-    names = {"BrokerUnreachable", "AMQPConnectionError", "ConnectionClosed", "BrokerAdminError"}
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ConnectionError) or type(seen).__name__ in names:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    """Whether ``exc`` says the broker was unreachable or went away (the point is measured
+    again). A timeout here is a point's own wait (copies not handled in time): a failure."""
+    return bench_env.broker_trouble(exc, timeouts=False)
 
 
-class BrokerWatch(threading.Thread):
-    """Probes the broker's AMQP and management ports and its alarms every second (as
-    ``run.py`` does): other suites on this machine stop, restart and alarm the shared
-    broker."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True, name="broker-watch")
-        amqp = urlsplit(vhosts.amqp_base_url())
-        mgmt = urlsplit(vhosts.management_url())
-        self.targets = [
-            (amqp.hostname or "127.0.0.1", amqp.port or 5672),
-            (mgmt.hostname or "127.0.0.1", mgmt.port or 15672),
-        ]
-        self.outages: list[float] = []
-        self._lock = threading.Lock()
-
-    def up(self) -> bool:
-        for target in self.targets:
-            try:
-                socket.create_connection(target, timeout=5).close()
-            except OSError:
-                return False
-        return True
-
-    def alarmed(self) -> bool:
-        """A memory or disk alarm (other suites raise them on purpose) blocks publishers
-        and new connections: as good as an outage for a measurement."""
-        try:
-            nodes = vhosts._request(
-                "GET", "/api/nodes?columns=mem_alarm,disk_free_alarm", timeout=10
-            )
-        except vhosts.BrokerAdminError:
-            return True
-        if not isinstance(nodes, list):  # a node still starting answers oddly
-            return True
-        return any(
-            n.get("mem_alarm") or n.get("disk_free_alarm") for n in nodes if isinstance(n, dict)
-        )
-
-    def run(self) -> None:
-        while True:
-            try:
-                trouble = not self.up() or self.alarmed()
-            except Exception:  # whatever the broker answers, the watch goes on
-                trouble = True
-            if trouble:
-                self.outages.append(time.monotonic())
-            time.sleep(1.0)
-
-    def outage_between(self, t0: float, t1: float) -> bool:
-        return any(t0 - 1.0 <= t <= t1 + 1.0 for t in self.outages)
-
-    def wait_up(self, limit: float = 180, settle: float = 20) -> None:
-        """Until the broker answers and has been up for ``settle`` seconds (just after a
-        restart its quorum queues are still recovering, and a point measures that)."""
-        with self._lock:
-            if not self.is_alive():
-                self.start()
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            since = time.monotonic() - max(self.outages, default=-1e9)
-            if since < settle:
-                time.sleep(settle - since)
-                continue
-            if self.up() and not self.alarmed():
-                return
-            self.outages.append(time.monotonic())
-            time.sleep(2)
-
-
-WATCH = BrokerWatch()
+WATCH = BrokerWatch(alarms=True, margin=1.0)
 
 
 class Seen:
@@ -578,35 +498,7 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg(),
-    }
-    for pkg in ("aio-pika", "aiormq", "pamqp", "pydantic", "matplotlib", "uvloop"):
-        try:
-            info[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            info[pkg] = None
-    try:
-        overview = vhosts.broker_overview()
-        info["rabbitmq"] = overview.get("rabbitmq_version")
-        info["erlang"] = overview.get("erlang_version")
-    except vhosts.BrokerAdminError as exc:
-        info["rabbitmq"] = f"unknown ({exc})"
-    git = ["git", "-C", str(ROOT)]
-    try:
-        info["banyan_commit"] = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "banyan_bus"], capture_output=True, text=True
-        ).stdout.splitlines()
-        info["banyan_uncommitted"] = [ln[3:] for ln in dirty if ln.strip()]
-    except (OSError, subprocess.CalledProcessError):
-        info["banyan_commit"] = None
-    return info
+    return bench_env.machine(("aio-pika", "aiormq", "pamqp", "pydantic", "matplotlib", "uvloop"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -638,18 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     snapshot = None
     if args.banyan_ref:
-        snapshot = tempfile.TemporaryDirectory(prefix="banyan-ref-")
-        git = ["git", "-C", str(ROOT)]
-        sha = subprocess.run(
-            [*git, "rev-parse", "--short", args.banyan_ref],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        archive = subprocess.run(
-            [*git, "archive", sha, "banyan_bus"], capture_output=True, check=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", snapshot.name], input=archive, check=True)
+        snapshot, sha = bench_env.banyan_snapshot(args.banyan_ref)
         os.environ["BENCH_BANYAN_SRC"] = snapshot.name
         sys.path.insert(0, snapshot.name)
         info["banyan_commit"], info["banyan_uncommitted"] = sha, []
@@ -667,21 +548,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     t_start = time.monotonic()
     results: dict[str, dict[str, Any]] = {}
-    unavailable: dict[str, str] = {}
     failed: dict[str, str] = {}
     pngs: list[str] = []
     for name in selected:
         try:
             module = importlib.import_module(f"curve_{name}")
         except Exception as exc:
-            missing = isinstance(exc, ModuleNotFoundError) and exc.name == f"curve_{name}"
-            if name in args.only or not missing:  # asked for, or there but broken
-                traceback.print_exc()
-                print(f"!!! curve {name!r} cannot be imported: {exc}", file=sys.stderr)
-                failed[name] = f"not importable: {exc}"
-                continue
-            unavailable[name] = f"{type(exc).__name__}: {exc}"
-            print(f"\n== {name}: not available ({exc})", flush=True)
+            traceback.print_exc()
+            print(f"!!! curve {name!r} cannot be imported: {exc}", file=sys.stderr)
+            failed[name] = f"not importable: {exc}"
             continue
         print(f"\n== {name}: {getattr(module, 'TITLE', name)}", flush=True)
         t0 = time.monotonic()
@@ -725,15 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "total_s": round(total, 1),
         "curves": results,
-        "unavailable": unavailable,
         "failed": failed,
         "pngs": [Path(p).name for p in pngs],
         "vhosts": VHOSTS_USED,
     }
     (out / "curves.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"\n{len(results)} curves in {total:.0f} s; JSON and {len(pngs)} PNGs in {out}")
-    for name, why in unavailable.items():
-        print(f"  not available: {name} ({why})")
     if failed:
         print(f"\n!!! {len(failed)} CURVE(S) FAILED:", file=sys.stderr)
         for name, why in failed.items():

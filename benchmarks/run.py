@@ -18,27 +18,23 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import bench_env  # noqa: E402
 import vhosts  # noqa: E402
+from bench_env import BrokerWatch  # noqa: E402
 
 RESULT_MARK = "BENCH_RESULT "
 IMPLS = ("aiormq", "raw", "faststream", "banyan")
@@ -194,43 +190,7 @@ def command(w: Workload, impl: str, quick: bool, queue_type: str) -> list[str]:
 EXIT_INFRA = 2  # workloads.py: the broker was unreachable or went away; nothing valid measured
 
 
-class BrokerWatch(threading.Thread):
-    """Probes the broker's AMQP and management ports every second. Other work on this
-    shared machine sometimes restarts or stalls the broker; a run that overlaps such an
-    outage is retried instead of being reported (or blamed on an implementation)."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        amqp = urlsplit(vhosts.amqp_base_url())
-        mgmt = urlsplit(vhosts.management_url())
-        self.targets = [
-            (amqp.hostname or "127.0.0.1", amqp.port or 5672),
-            (mgmt.hostname or "127.0.0.1", mgmt.port or 15672),
-        ]
-        self.outages: list[float] = []
-
-    def run(self) -> None:
-        while True:
-            for target in self.targets:
-                try:
-                    socket.create_connection(target, timeout=5).close()
-                except OSError:
-                    self.outages.append(time.monotonic())
-            time.sleep(1.0)
-
-    def outage_between(self, t0: float, t1: float) -> bool:
-        return any(t0 <= t <= t1 + 1.0 for t in self.outages)
-
-    def wait_up(self, limit: float = 180) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            try:
-                vhosts.broker_overview()
-                return
-            except vhosts.BrokerAdminError:
-                time.sleep(2)
-
-
+# Outages during a run (ports only: an alarm is measured like any other slowness here).
 WATCH = BrokerWatch()
 
 
@@ -238,7 +198,7 @@ def run_one(w: Workload, impl: str, rnd: int, args: argparse.Namespace) -> Run:
     """One fresh process; retried (at most twice) only when the broker's admin API
     failed before anything was measured — never after a wrong result."""
     for attempt in range(3):
-        WATCH.wait_up()
+        WATCH.wait_answering()
         t0 = time.monotonic()
         run = _run_once(w, impl, rnd, args)
         if WATCH.outage_between(t0, time.monotonic()):
@@ -333,6 +293,12 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _outcomes(runs: list[Run], w: Workload, impl: str) -> tuple[list[dict[str, Any]], int]:
+    """The results of ``impl``'s passed runs of workload ``w``, and how many failed."""
+    mine = [r for r in runs if r.workload == w.key and r.impl == impl]
+    return [r.result for r in mine if r.ok], sum(1 for r in mine if not r.ok)
+
+
 def summarize(runs: list[Run], selected: list[Workload]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for w in selected:
@@ -342,8 +308,7 @@ def summarize(runs: list[Run], selected: list[Workload]) -> list[dict[str, Any]]
         base_impl = "w1" if w.kind == "scaling" else "raw"
         stats: dict[str, dict[str, Any]] = {}
         for impl in w.impls:
-            ok = [r.result for r in runs if r.workload == w.key and r.impl == impl and r.ok]
-            failed = sum(1 for r in runs if r.workload == w.key and r.impl == impl and not r.ok)
+            ok, failed = _outcomes(runs, w, impl)
             s: dict[str, Any] = {
                 "runs": len(ok),
                 "failed": failed,
@@ -387,8 +352,7 @@ def _summarize_memory(runs: list[Run], w: Workload) -> list[dict[str, Any]]:
     """Medians of KiB per unit (in-flight message or idle subscription); against aiormq."""
     stats: dict[str, dict[str, Any]] = {}
     for impl in w.impls:
-        ok = [r.result for r in runs if r.workload == w.key and r.impl == impl and r.ok]
-        failed = sum(1 for r in runs if r.workload == w.key and r.impl == impl and not r.ok)
+        ok, failed = _outcomes(runs, w, impl)
         s: dict[str, Any] = {
             "runs": len(ok),
             "failed": failed,
@@ -555,35 +519,7 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg(),
-    }
-    for pkg in ("aio-pika", "aiormq", "pamqp", "pydantic", "faststream", "uvloop"):
-        try:
-            info[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            info[pkg] = None
-    try:
-        overview = vhosts.broker_overview()
-        info["rabbitmq"] = overview.get("rabbitmq_version")
-        info["erlang"] = overview.get("erlang_version")
-    except RuntimeError as exc:
-        info["rabbitmq"] = f"unknown ({exc})"
-    git = ["git", "-C", str(ROOT)]
-    try:
-        info["banyan_commit"] = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "banyan_bus"], capture_output=True, text=True
-        ).stdout.split("\n")
-        info["banyan_uncommitted"] = [ln[3:] for ln in dirty if ln.strip()]
-    except (OSError, subprocess.CalledProcessError):
-        info["banyan_commit"] = None
-    return info
+    return bench_env.machine(("aio-pika", "aiormq", "pamqp", "pydantic", "faststream", "uvloop"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -645,17 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     args.env = dict(os.environ)
     snapshot = None
     if args.banyan_ref:
-        snapshot = tempfile.TemporaryDirectory(prefix="banyan-ref-")
-        sha = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", args.banyan_ref],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", sha, "banyan_bus"], capture_output=True, check=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", snapshot.name], input=archive, check=True)
+        snapshot, sha = bench_env.banyan_snapshot(args.banyan_ref)
         args.env["BENCH_BANYAN_SRC"] = snapshot.name
         info["banyan_source"] = f"git {args.banyan_ref} ({sha})"
     else:

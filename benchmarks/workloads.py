@@ -56,6 +56,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, os.environ.get("BENCH_BANYAN_SRC") or str(HERE.parent))
 
 import vhosts  # noqa: E402
+from bench_env import broker_trouble  # noqa: E402  (memory.py: wl.broker_trouble)
 
 RESULT_MARK = "BENCH_RESULT "
 EXCHANGE = "bench.events"  # raw and FastStream: a durable topic exchange ...
@@ -1044,19 +1045,6 @@ async def helper_main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         await drain_and_verify(impl.url, impl.queue, args.n, impl.seq_of)
     return {}
-
-
-def broker_trouble(exc: BaseException) -> bool:
-    """True if ``exc`` (or its cause) says the broker was unreachable or went away — the
-    shared broker here is sometimes restarted or stalled by other work. Such a run
-    measured nothing valid; run.py retries it. Wrong results are ``BenchFailure``s."""
-    names = {"BrokerUnreachable", "AMQPConnectionError", "ConnectionClosed", "BrokerAdminError"}
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in names:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
-MINE = ("fanout", "payload", "delays", "ordered")
+CURVES = ("fanout", "payload", "delays", "ordered", "subscriptions")
 
 
 @pytest.mark.timeout(900)
@@ -37,10 +37,8 @@ def test_every_curve_runs_checks_itself_and_draws_its_plots(tmp_path: Path) -> N
     report = json.loads((out / "curves.json").read_text())
     assert report["quick"] is True
     assert report["failed"] == {}
-    expected = set(MINE)
-    if (BENCH / "curve_subscriptions.py").exists():
-        expected.add("subscriptions")
-    assert expected <= set(report["curves"]), (sorted(report["curves"]), report["unavailable"])
+    expected = set(CURVES)
+    assert expected <= set(report["curves"]), sorted(report["curves"])
     for key in expected:
         curve = report["curves"][key]
         assert curve["ok"] is True, curve.get("error")
