@@ -135,13 +135,36 @@ vhosts_ok() {
     log "rabbitmq: creating a vhost hangs; restarting the rabbit application"
     timeout 300 rabbitmqctl stop_app >&2 || true
     timeout 300 rabbitmqctl start_app >&2 || true
-    wait_until "${SERVICE_TIMEOUT}" "rabbitmqctl await_startup" rabbit_await || return 1
-    wait_until "${SERVICE_TIMEOUT}" "management API on ${HOST}:${MGMT_PORT}" mgmt_ok || return 1
+    if wait_until "${SERVICE_TIMEOUT}" "rabbitmqctl await_startup" rabbit_await &&
+        wait_until "${SERVICE_TIMEOUT}" "management API on ${HOST}:${MGMT_PORT}" mgmt_ok &&
+        vhost_probe; then
+        return 0
+    fi
+    restart_rabbit_node || return 1
     if vhost_probe; then
         return 0
     fi
-    echo "rabbitmq: FAILED: creating a vhost still hangs after restarting the application"
+    echo "rabbitmq: FAILED: creating a vhost still hangs after restarting the node"
     return 1
+}
+
+# An application restart has been seen to leave 3.10 half-started (its internal tables gone,
+# await_startup never returning) when the node held many quorum queues. Only a restart of
+# the whole node cleared that; recovering those queues can take minutes, hence the longer
+# wait (BANYAN_NODE_RESTART_TIMEOUT, default 600 s).
+restart_rabbit_node() {
+    local limit="${BANYAN_NODE_RESTART_TIMEOUT:-600}"
+    log "rabbitmq: still wedged; restarting the node (rabbitmqctl stop, rabbitmq-server -detached)"
+    timeout 120 rabbitmqctl stop >&2 || true
+    wait_until 120 "the node to stop" rabbit_node_stopped || return 1
+    rabbitmq-server -detached >&2 || return 1
+    wait_until "${limit}" "rabbitmqctl await_startup" rabbit_await || return 1
+    wait_until "${limit}" "RabbitMQ on ${HOST}:${AMQP_PORT}" port_open "${AMQP_PORT}" || return 1
+    wait_until "${limit}" "management API on ${HOST}:${MGMT_PORT}" mgmt_ok
+}
+
+rabbit_node_stopped() {
+    ! rabbit_node_running
 }
 
 ensure_rabbitmq() {
