@@ -17,11 +17,12 @@ message failed the same way, so the DLQ could not even be listed.
 **What.** :func:`install` replaces pamqp's content-header step
 (``pamqp.frame._unmarshal_header_frame``, which ``pamqp.frame.unmarshal``
 calls for frames of type 2 only) with :func:`unmarshal_content_header`. That
-runs pamqp's own decoder first, so a good message costs what it cost before
-(plus one call, and a depth walk when a header value is itself a table or an
-array). Only when pamqp raises — whatever it raises — or a header value is
-nested deeper than :data:`MAX_HEADER_DEPTH`, it decodes the properties again
-one by one and keeps every field it can:
+tries the one-pass decoder of :mod:`banyan_bus.transport.amqp_header` first
+(the bus's own messages, in less than half of pamqp's time), then pamqp's own
+decoder (what the fast path leaves alone: nested headers such as ``x-death``, a
+few µs more than before). Only when pamqp raises — whatever it raises — or a
+header value is nested deeper than :data:`MAX_HEADER_DEPTH`, it decodes the
+properties again one by one and keeps every field it can:
 
 - a property that cannot be decoded (bad UTF-8 in a short string, a timestamp
   out of range) is left unset;
@@ -70,6 +71,8 @@ from typing import Any
 import pamqp.frame
 from pamqp import commands as spec
 from pamqp import decode, header
+
+from banyan_bus.transport import amqp_header
 
 HEADER_UNDECODABLE = "x-banyan-undecodable"
 """Added to the headers of a delivery whose properties could not all be decoded."""
@@ -191,7 +194,12 @@ def _decode_method_leniently(method: Any, data: bytes) -> Any:
 
 
 def unmarshal_content_header(frame_data: bytes) -> header.ContentHeader:
-    """pamqp's decoding of a content header frame's payload, or the tolerant one."""
+    """The one-pass decoding of a content header frame's payload, else pamqp's, else the
+    tolerant one."""
+    try:
+        return amqp_header.decode(frame_data)
+    except Exception:  # anything unusual is pamqp's (and then the tolerant step's) to decode
+        pass
     strict = _strict
     assert strict is not None, "install() records pamqp's decoder first"
     try:
