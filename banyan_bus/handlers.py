@@ -68,25 +68,41 @@ def function_handler(contract: type[Message], fn: Callable[..., Awaitable[Any]])
     except (TypeError, ValueError) as exc:
         raise HandlerError(f"cannot inspect handler {fn!r}: {exc}") from exc
     name = _qualname(fn)
-    if len(params) == 1:
+    required = [p for p in params if p.default is p.empty]
+    if not params or len(required) > 2:
+        raise HandlerError(
+            f"handler {name} for {contract.__name__} takes {len(required)} positional "
+            f"parameters without a default; it must take (event) or (event, ctx)."
+        )
+    if len(params) >= 2 and _wants_context(params[1]):
+        invoke: Invoke = fn
+    else:
 
         async def invoke_event(message: Message, ctx: MessageContext) -> Any:
             return await fn(message)
 
-        invoke: Invoke = invoke_event
-    elif len(params) == 2:
-        invoke = fn
-    else:
-        raise HandlerError(
-            f"handler {name} for {contract.__name__} takes {len(params)} positional "
-            f"parameters; it must take (event) or (event, ctx)."
-        )
+        invoke = invoke_event
     return HandlerSpec(
         name=name,
         contract=contract,
         invoke=invoke,
         versions=frozenset({contract.__message_version__}),
     )
+
+
+def _wants_context(param: inspect.Parameter) -> bool:
+    """Whether the second positional parameter is the ``MessageContext``.
+
+    One without a default is (``async def h(event, ctx)``). One with a default is
+    only if it says so by its annotation (``ctx: MessageContext | None = None``):
+    ``async def h(event, retries=3)`` keeps its 3 rather than receive a context.
+    """
+    if param.default is param.empty:
+        return True
+    annotation = param.annotation
+    if isinstance(annotation, str):
+        return "MessageContext" in annotation
+    return "MessageContext" in repr(annotation) or annotation is MessageContext
 
 
 # -- class handlers -------------------------------------------------------------------
