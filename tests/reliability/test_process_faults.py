@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
 
 import pytest
@@ -194,6 +195,9 @@ async def test_sustained_load_with_faults_and_flat_memory(amqp_url: str, unique,
     )
     rows[RSS_ROW] = fmt_rss(warm_rss, end_rss, "consumer, after warm-up")
     rows["RSS growth after warm-up (bound)"] = f"{growth / 1024:+.1f} MiB ({bound / 1024:.1f})"
+    rows["RSS slope after warm-up (least squares)"] = _slope(
+        [(t, kib) for t, kib in samples if t >= 10.0]
+    )
     rows["RSS samples (s: MiB)"] = ", ".join(f"{t:.0f}: {k / 1024:.1f}" for t, k in samples[::2])
     rows["result"] = result
     title = f"6. Sustained load ({SOAK_SECONDS} s, fault every {SOAK_FAULT_EVERY} s)"
@@ -201,3 +205,13 @@ async def test_sustained_load_with_faults_and_flat_memory(amqp_url: str, unique,
     assert_outcome(outcome, "soak")
     assert complete, result
     assert growth <= bound, result
+
+
+def _slope(samples: list[tuple[float, int]]) -> str:
+    """The RSS trend over the run, in MiB per minute: flat memory is a slope near 0 (a leak
+    of one message's worth per delivery would show as several MiB a minute here)."""
+    if len(samples) < 3:
+        return "-"
+    seconds, kib = zip(*samples, strict=True)
+    fit = statistics.linear_regression(seconds, kib)
+    return f"{fit.slope * 60 / 1024:+.3f} MiB/min over {len(samples)} samples"
