@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextlib import aclosing
 from typing import Literal
 
 import structlog
@@ -24,7 +25,7 @@ import structlog
 from banyan_bus.consume import SubscriptionConsumer
 from banyan_bus.context import MessageContext
 from banyan_bus.contracts import ContractRegistry, Message
-from banyan_bus.declarations import Declaration, QueueType, apply
+from banyan_bus.declarations import Declaration, QueueType, apply, declared_in_order
 from banyan_bus.delivery import make_context
 from banyan_bus.envelope import Envelope
 from banyan_bus.errors import HandlerError
@@ -179,17 +180,29 @@ class Consumers:
             plan += retry_route_plan(sub.queue_name)
         return plan
 
+    def _units(self) -> list[Subscription]:
+        """The subscriptions that declare and start something: every one but the ordered
+        ones after the first of their group's stream (the stream is one plan, one engine)."""
+        return [
+            sub
+            for sub in self.subscriptions.values()
+            if not sub.ordered or self._streams[sub.group][0] is sub
+        ]
+
+    def _shared_plan(self) -> tuple[list[Declaration], bool]:
+        """What the subscriptions share (the root, and the delay levels if any uses them)."""
+        plan = root_plan()
+        delays = any(self._uses_delays(sub) for sub in self.subscriptions.values())
+        if delays:
+            plan += delay_plan()
+        return plan, delays
+
     def _event_plan(self) -> tuple[list[Declaration], bool]:
         """What the subscriptions declare (one plan per ordered stream, not one per
         type), and whether that includes the delay levels."""
-        plan = root_plan()
-        subs = list(self.subscriptions.values())
-        delays = any(self._uses_delays(sub) for sub in subs)
-        if delays:
-            plan += delay_plan()
-        for sub in subs:
-            if not sub.ordered or self._streams[sub.group][0] is sub:
-                plan += self._plan(sub)
+        plan, delays = self._shared_plan()
+        for sub in self._units():
+            plan += self._plan(sub)
         return plan, delays
 
     def topology(self) -> list[Declaration]:
@@ -209,11 +222,18 @@ class Consumers:
     async def start(self, transport: Transport, telemetry: Telemetry) -> None:
         """Declare everything recorded so far on ``transport`` and start its engines."""
         self._transport, self._telemetry = transport, telemetry
-        # One plan for everything recorded: an ordered stream once, not once per type.
-        plan, self._delays_declared = self._event_plan()
-        await apply(transport, plan)
-        for sub in self.subscriptions.values():
-            await self._start_engine(sub)
+        # One batch: the transport may take many declarations at once (RabbitMQ: over a
+        # few channels). Each subscription's consumer starts, one at a time, as soon as
+        # its own declarations answered, while the next ones are being declared.
+        shared, self._delays_declared = self._shared_plan()
+        units = self._units()
+        plans = [self._plan(sub) for sub in units]
+        count = len(shared) + sum(len(plan) for plan in plans)
+        async with transport.declaring(count, consumers=len(units)) as width:
+            await apply(transport, shared)
+            async with aclosing(declared_in_order(transport, plans, width)) as declared:
+                async for index in declared:
+                    await self._start_engine(units[index])
         for message_type, (spec, options) in self.commands.items():
             await self._start_command_engine(message_type, spec, options)
 

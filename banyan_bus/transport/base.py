@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, TypeAlias
@@ -187,6 +188,18 @@ class Transport(ABC):
         """True while a consumer of this connection takes ``queue``'s messages: started,
         not cancelled, and its channel open (False between a connection loss and the
         consumer's recovery, or after the broker cancelled it). Cheap and local."""
+
+    def declaring(self, count: int, *, consumers: int = 0) -> AbstractAsyncContextManager[int]:
+        """``count`` declarations follow (``declarations.apply``), and ``consumers``
+        consumers will start meanwhile: how many declarations may be in flight at once
+        while this context lasts.
+
+        One here: each declaration waits for the one before. The RabbitMQ transport
+        lends a large batch a few channels, one declaration in flight on each
+        (``amqp_topology``), so that a service with many subscriptions does not pay
+        one broker round trip after another; it keeps room for the consumers' channels.
+        """
+        return nullcontext(1)
 
     @abstractmethod
     async def declare_exchange(

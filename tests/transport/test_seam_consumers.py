@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from banyan_bus.errors import TopologyError
 from banyan_bus.transport.base import Delivery, Transport
 from tests.transport.seam import TIMEOUT, Collector, msg
 
@@ -102,3 +105,20 @@ async def test_single_active_consumer_fails_over_on_cancel(transport: Transport)
     state = await t.queue_state("q")
     assert state is not None
     assert state.consumers == 1
+
+
+async def test_consuming_a_missing_queue_is_refused_and_the_transport_goes_on(
+    transport: Transport,
+) -> None:
+    t = transport
+    seen = Collector()
+    for _ in range(3):  # no channel (RabbitMQ) or consumer left behind by a refusal
+        with pytest.raises(TopologyError, match=r"queue 'nowhere' does not exist"):
+            await t.consume("nowhere", seen, prefetch=10)
+    await t.declare_queue("q")
+    await t.consume("q", seen, prefetch=10)
+    await t.publish("", "q", msg("after"))
+    await seen.wait_for(1)
+    assert seen.bodies == [b"after"]
+    await asyncio.sleep(0.2)  # a refused consumer's channel would not come back either
+    assert seen.bodies == [b"after"]
