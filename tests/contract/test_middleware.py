@@ -52,9 +52,12 @@ async def test_bus_middleware_is_outermost_then_the_subscriptions_on_both_direct
     await bus.subscribe(CrateLabelled, label, middleware=[recorder("c", log)])
     async with bus:
         await bus.publish(CrateLabelled(crate_id="k1"))
-        assert log == ["a>publish", "b>publish", "b<publish", "a<publish"]
+        # On RabbitMQ the delivery may overtake the publisher confirm: the two chains
+        # interleave, each in its own order.
+        publishing = [entry for entry in log if entry.endswith("publish")]
+        assert publishing == ["a>publish", "b>publish", "b<publish", "a<publish"]
         await wait_until(lambda: "a<consume" in log, timeout=10, what="the consume chain")
-    assert log[4:] == [
+    assert [entry for entry in log if not entry.endswith("publish")] == [
         "a>consume",
         "b>consume",
         "c>consume",
