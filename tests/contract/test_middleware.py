@@ -42,9 +42,7 @@ async def test_bus_middleware_is_outermost_then_the_subscriptions_on_both_direct
     bus_url: str, unique: Callable[[str], str]
 ) -> None:
     log: list[str] = []
-    bus = MessageBus(
-        unique("crates"), bus_url, middleware=[recorder("a", log), recorder("b", log)]
-    )
+    bus = MessageBus(unique("crates"), bus_url, middleware=[recorder("a", log), recorder("b", log)])
 
     async def label(event: CrateLabelled) -> None:
         log.append("handler")

@@ -19,9 +19,7 @@ class SaplingPlantedV2(Event, name="SaplingPlanted", version=2):
     species: str = "oak"
 
 
-async def test_a_name_publishes_the_oldest_version_or_the_pinned_one(
-    bus_url: str, unique
-) -> None:
+async def test_a_name_publishes_the_oldest_version_or_the_pinned_one(bus_url: str, unique) -> None:
     seen: list[tuple[str, int]] = []
 
     async def plant(event: SaplingPlanted, ctx: MessageContext) -> None:

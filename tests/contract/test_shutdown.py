@@ -83,9 +83,7 @@ async def test_stop_is_bounded_when_a_handler_ignores_cancellation(
     assert took < 1 + SLACK_S, took
     abandoned = [e for e in logs if e.get("event") == "handler_abandoned"]
     assert sorted(e["message_id"] is not None for e in abandoned) == [True] * 3, abandoned
-    assert {e["handler"] for e in abandoned} == {
-        f"{stubborn.__module__}.{stubborn.__qualname__}"
-    }
+    assert {e["handler"] for e in abandoned} == {f"{stubborn.__module__}.{stubborn.__qualname__}"}
     await wait_until(lambda: stubborn_ended == 3, timeout=5)
     # None lost: another instance gets all three.
     handled = await _drain(group, bus_url, expected=3)

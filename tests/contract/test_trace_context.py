@@ -21,9 +21,7 @@ class ChaiSteeped(Event):
     samovar_id: str
 
 
-async def test_every_envelope_has_a_trace_and_a_handler_continues_it(
-    bus_url: str, unique
-) -> None:
+async def test_every_envelope_has_a_trace_and_a_handler_continues_it(bus_url: str, unique) -> None:
     seen: dict[str, MessageContext] = {}
     bus = MessageBus(unique("tea-room"), bus_url)
 
