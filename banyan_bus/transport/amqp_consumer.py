@@ -275,7 +275,11 @@ def deliver_directly(
                 await original(frame)
                 return
             header = await read_header()
-            target(await read_content(frame, header))
+            message = await read_content(frame, header)
+            try:
+                target(message)
+            except Exception:  # as aiormq's own path: logged, the reader goes on
+                log.exception("delivery_dispatch_failed", consumer_tag=frame.consumer_tag)
 
         vars(channel)[_DIRECT] = table
         channel._on_deliver_frame = on_deliver_frame
