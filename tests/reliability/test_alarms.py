@@ -245,6 +245,12 @@ async def test_memory_and_disk_alarms(amqp_url: str, unique, broker_limits: Limi
             finally:
                 steady.cancel()  # it stops between numbers or mid-attempt: never confirmed
                 stopped_steady = time.time()
+                # Python 3.11's asyncio.wait_for can swallow a cancellation that arrives as
+                # the publish it waits for completes: the publisher then goes on for ever
+                # (a CI run here hung on it). Cancel again until it has stopped.
+                while not steady.done():
+                    await asyncio.wait({steady}, timeout=1.0)
+                    steady.cancel()
                 await asyncio.gather(steady, return_exceptions=True)
             complete = await wait_all_handled(stats, lambda: rec.handled, [group], timeout=60)
             await asyncio.sleep(1.0)  # late duplicates show now
