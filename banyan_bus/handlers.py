@@ -99,10 +99,10 @@ def _wants_context(param: inspect.Parameter) -> bool:
     """
     if param.default is param.empty:
         return True
+    # A string under `from __future__ import annotations`, else the object (its repr names
+    # the class for `MessageContext`, `MessageContext | None`, `Optional[MessageContext]`).
     annotation = param.annotation
-    if isinstance(annotation, str):
-        return "MessageContext" in annotation
-    return "MessageContext" in repr(annotation) or annotation is MessageContext
+    return "MessageContext" in (annotation if isinstance(annotation, str) else repr(annotation))
 
 
 # -- class handlers -------------------------------------------------------------------

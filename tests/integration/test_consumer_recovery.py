@@ -3,15 +3,13 @@ it consumes again once the queue is back, and nothing published afterwards is mi
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
 import aio_pika
 
 from banyan_bus import Event, MessageBus
 from banyan_bus.topology import group_exchange
-from tests.support import duplicates, wait_until
+from tests.support import duplicates, eventually, wait_until
 
 
 class BuoyDrifted(Event):
@@ -23,16 +21,6 @@ def _not_ready(bus: MessageBus) -> Callable[[], Awaitable[bool]]:
         return not (await bus.health()).ready
 
     return check
-
-
-async def wait_until_async(
-    predicate: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_a_consumer_cancelled_by_the_broker_comes_back_with_its_queue(
@@ -61,7 +49,7 @@ async def test_a_consumer_cancelled_by_the_broker_comes_back_with_its_queue(
         # RabbitMQ 3.10 a quorum queue deleted and declared again within ~50 ms never
         # sends it (raw aiormq: 0 cancels in 10 tries at once, 6 of 6 at 50 ms; classic
         # queues 10 of 10), and a consumer nobody told it was cancelled cannot come back.
-        await wait_until_async(_not_ready(bus), what="the bus to see its consumer cancelled")
+        await eventually(_not_ready(bus), what="the bus to see its consumer cancelled")
         # Re-declare the topology as a redeploy would, then leave the queue to the first bus.
         again = MessageBus("harbour", amqp_url)
         await again.subscribe(BuoyDrifted, nothing)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -29,7 +28,7 @@ from banyan_bus.bus import make_transport
 from banyan_bus.dlq import DeadLetter, DeadLetterQueue
 from banyan_bus.topology import QueueType
 from banyan_bus.transport.base import Headers, HeaderValue, OutgoingMessage, Transport
-from tests.support import duplicates, wait_until
+from tests.support import duplicates, eventually, wait_until
 
 NO_RETRY = RetryPolicy.none()
 MiB = 1024 * 1024
@@ -137,17 +136,6 @@ def envelope(
             "payload": payload,
         }
     ).encode()
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = ""
-) -> None:
-    """Poll an async ``check`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or check}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass(frozen=True)
